@@ -1,0 +1,89 @@
+"""Run a command with one loopback Prefect server shared by all its processes.
+
+Without PREFECT_API_URL every Python process that runs a flow starts its own temporary server
+(~10 s each here); `dvc repro` starts one process per stage. This starts one server on
+127.0.0.1 (state under PREFECT_HOME inside the project, telemetry off), runs the command with
+PREFECT_API_URL pointing at it, and stops the server afterwards.
+
+    python -m flows.server dvc repro
+    python -m flows.server python -m flows.pipeline
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def offline_env(base: dict | None = None) -> dict:
+    """Environment for quiet, offline Prefect: state in the project, no analytics."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DO_NOT_TRACK"] = "1"
+    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    env.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def prefect_server(timeout: float = 60.0) -> Iterator[str]:
+    """Start `prefect server start` on a free loopback port; yield its API URL."""
+    port = _free_port()
+    env = offline_env()
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    log = open(Path(env["PREFECT_HOME"]) / "server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prefect server did not start; see {log.name}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    with prefect_server() as url:
+        print(f"prefect server at {url} (started in {time.monotonic() - started:.1f} s)", file=sys.stderr)
+        env = offline_env()
+        env["PREFECT_API_URL"] = url
+        return subprocess.call(argv, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

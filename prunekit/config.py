@@ -1,0 +1,177 @@
+"""Typed, validated pipeline configuration: the single loader of params.yaml.
+
+Every stage reads its section from here, so a bad value fails once, at the boundary, with one
+line that names the key — before any model is loaded.
+
+Example::
+
+    >>> cfg = Params.model_validate({"prune": {"sparsity": 0.7}})
+    >>> cfg.prune.sparsity, cfg.calibration.nsamples
+    (0.7, 16)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A parameter or input path is invalid; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(_Section):
+    name: str = Field("gemma3-270m", pattern=r"^[A-Za-z0-9._-]+$")
+    # "embedded:gemma3-270m", a local HF folder, a .gguf file, or a hub id (needs network).
+    source: str = "embedded:gemma3-270m"
+
+
+class CalibrationParams(_Section):
+    name: str = Field("c4", pattern=r"^[A-Za-z0-9._-]+$")
+    # "c4" (documents `c4_docs` of data/c4), "wikitext2-valid", or a path to a plain text file.
+    source: str = "c4"
+    c4_docs: tuple[int, int] = (1000, 2000)
+    nsamples: int = Field(16, gt=0)
+    seqlen: int = Field(512, gt=1)
+    seed: int = 0
+
+    @field_validator("c4_docs")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError("must be [start, stop) with 0 <= start < stop")
+        return v
+
+
+class HessianParams(_Section):
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class EstimateParams(_Section):
+    grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    percdamp: float = Field(0.01, ge=0)
+    owl_m: float = Field(5.0, gt=0)
+
+    @field_validator("grid")
+    @classmethod
+    def _in_unit_interval(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 <= p < 1 for p in v):
+            raise ValueError("every grid sparsity must lie in [0, 1)")
+        return tuple(sorted(v))
+
+
+class ScheduleParams(_Section):
+    allocator: Literal["uniform", "kmeans", "owl"] = "kmeans"
+    unit: Literal["block", "linear"] = "block"
+    k: int = Field(3, ge=1)
+    spread: float = Field(0.05, ge=0, lt=1)
+    normalise: Literal["none", "per_param"] = "per_param"
+    min_sparsity: float = Field(0.0, ge=0, lt=1)
+    max_sparsity: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    owl_lambda: float = Field(0.08, ge=0, lt=1)
+
+
+class PruneParams(_Section):
+    method: Literal["sparsegpt", "wanda", "magnitude"] = "sparsegpt"
+    sparsity: float = 0.7
+    structure: str = "unstructured"
+    mode: Literal["sequential", "parallel"] = "sequential"
+    blocksize: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, ge=0)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"must lie in [0, 1), got {v}")
+        return v
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        if v != "unstructured":
+            n, sep, m = v.partition(":")
+            if sep != ":" or not (n.isdigit() and m.isdigit()) or not 0 < int(n) < int(m):
+                raise ValueError(f"must be 'unstructured' or 'N:M' with 0 < N < M, got {v!r}")
+        return v
+
+    @property
+    def n_m(self) -> tuple[int, int]:
+        """(N, M) for N:M sparsity, (0, 0) for unstructured."""
+        if self.structure == "unstructured":
+            return 0, 0
+        n, m = self.structure.split(":")
+        return int(n), int(m)
+
+
+class QuantizeParams(_Section):
+    enabled: bool = True
+    bits: int = Field(4, ge=2, le=8)
+    groupsize: int | None = Field(None, ge=1)
+    sym: bool = False
+    act_order: bool = False
+    blocksize: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, ge=0)
+
+
+class EvaluateParams(_Section):
+    datasets: tuple[str, ...] = ("wikitext2", "c4")
+    seqlen: int = Field(512, gt=1)
+    # None = every window of the text (the full protocol); an int caps it for quick CPU runs.
+    max_windows: int | None = Field(8, ge=1)
+    batch_size: int = Field(1, ge=1)
+
+
+class RuntimeParams(_Section):
+    device: str = "auto"
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+
+
+class Params(_Section):
+    model: ModelParams = ModelParams()
+    calibration: CalibrationParams = CalibrationParams()
+    hessians: HessianParams = HessianParams()
+    estimate: EstimateParams = EstimateParams()
+    schedule: ScheduleParams = ScheduleParams()
+    prune: PruneParams = PruneParams()
+    quantize: QuantizeParams = QuantizeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        s = self.schedule
+        if s.min_sparsity > s.max_sparsity:
+            raise ValueError("schedule.min_sparsity must not exceed schedule.max_sparsity")
+        if self.prune.structure == "unstructured" and s.allocator != "uniform":
+            if not s.min_sparsity <= self.prune.sparsity <= s.max_sparsity:
+                raise ValueError(
+                    f"prune.sparsity {self.prune.sparsity} lies outside "
+                    f"[schedule.min_sparsity, schedule.max_sparsity]"
+                )
+        return self
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with one readable line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "params"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"invalid parameter {key}: {first['msg']}{more}") from None

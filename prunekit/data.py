@@ -1,0 +1,135 @@
+"""Text sources and token windows for calibration and evaluation (protocol: shared DESIGN.md).
+
+- wikitext2 / wikitext2-valid: WikiText-2 raw; a blank line (" ") becomes "", any other line
+  keeps its trailing newline, rows joined with "\\n\\n" (the HF rows as SparseGPT joins them).
+- c4: documents [start, stop) of data/c4/c4_validation_2k.parquet joined with "\\n\\n";
+  0–999 evaluate, 1000–1999 calibrate — never both.
+- any other value: a plain text file, one sentence a line, joined with spaces.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+WIKITEXT = {
+    "wikitext2": DATA_DIR / "wikitext-2-raw-v1" / "wiki.test.raw",
+    "wikitext2-valid": DATA_DIR / "wikitext-2-raw-v1" / "wiki.valid.raw",
+}
+C4_FILE = DATA_DIR / "c4" / "c4_validation_2k.parquet"
+C4_EVAL_DOCS = (0, 1000)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"text file not found: {path}")
+    return path
+
+
+def wikitext_text(path: Path) -> str:
+    rows = ["" if line.strip() == "" else line for line in _existing(path).read_text("utf-8").splitlines(True)]
+    return "\n\n".join(rows)
+
+
+def c4_text(docs: tuple[int, int]) -> str:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(_existing(C4_FILE), columns=["text"])
+    start, stop = docs
+    if stop > table.num_rows:
+        raise ConfigError(f"C4 documents [{start}, {stop}) requested but the file has {table.num_rows}")
+    return "\n\n".join(table.column("text").to_pylist()[start:stop])
+
+
+def plain_text(path: Path) -> str:
+    return " ".join(line.strip() for line in _existing(path).read_text("utf-8").splitlines() if line.strip())
+
+
+def load_text(source: str, c4_docs: tuple[int, int] = C4_EVAL_DOCS) -> str:
+    """The text of a named source ('wikitext2', 'wikitext2-valid', 'c4') or a text file path."""
+    if source in WIKITEXT:
+        return wikitext_text(WIKITEXT[source])
+    if source == "c4":
+        return c4_text(c4_docs)
+    return plain_text(Path(source))
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """Token ids of the text without special tokens, as a 1-D int64 tensor."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def bos_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer prepends one to every sequence (Gemma, LLaMA), else None."""
+    probe = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and probe and probe[0] == bos else None
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None) -> torch.Tensor:
+    """nsamples random windows of seqlen tokens (BOS first when the tokenizer uses one).
+
+    Start positions are drawn uniformly from the token stream with a seeded generator, so the
+    same (text, tokenizer, nsamples, seqlen, seed) always gives the same windows.
+    Returns (nsamples, seqlen) int64.
+    """
+    body = seqlen - (bos is not None)
+    if len(ids) < max(nsamples * body, body + 1):
+        raise ConfigError(
+            f"calibration text has {len(ids)} tokens, too short for {nsamples} x {seqlen}-token windows"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - body, (nsamples,), generator=gen)
+    windows = torch.stack([ids[s : s + body] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((nsamples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of seqlen tokens over the text, BOS first in each when used.
+
+    With BOS every window holds seqlen - 1 text tokens, all of them predicted (the first from
+    BOS). Returns (n_windows, seqlen) int64; a trailing partial window is dropped.
+    """
+    body = seqlen - (bos is not None)
+    n = len(ids) // body
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ConfigError(f"evaluation text has {len(ids)} tokens, fewer than one {seqlen}-token window")
+    windows = ids[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def write_calibration(path, windows: torch.Tensor, meta: dict) -> None:
+    """Token windows as parquet (one row a window) with `meta` (fingerprint, params) attached."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .artifacts import write_atomic
+
+    table = pa.table({"input_ids": pa.array(windows.tolist(), type=pa.list_(pa.int32()))})
+    table = table.replace_schema_metadata({"prunekit": json.dumps(meta, sort_keys=True)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def read_calibration(path) -> tuple[torch.Tensor, dict]:
+    """(windows (n, seqlen) int64, meta) as written by write_calibration."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"prunekit"])
+    return torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long), meta

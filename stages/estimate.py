@@ -1,0 +1,40 @@
+"""estimate: model + dense Hessians -> estimated pruning loss per linear over a sparsity grid."""
+from __future__ import annotations
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from prunekit import plots
+from prunekit.artifacts import write_atomic
+from prunekit.config import Params
+from prunekit.estimate import estimate_layer
+from prunekit.hessian_store import HessianStore
+from prunekit.models import adapter_for, decoder_layers, layer_linears, load_model
+from stages.common import Paths, main, model_fingerprint
+
+
+def check(params: Params) -> None:
+    pass
+
+
+def needs(paths: Paths) -> list:
+    return [paths.model, paths.hessians]
+
+
+def run(params: Params, step) -> None:
+    paths, e = Paths.of(params), params.estimate
+    model = load_model(str(paths.model))
+    adapter = adapter_for(model)
+    store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model))
+    rows = []
+    for i, layer in enumerate(tqdm(decoder_layers(model, adapter), desc="estimate", unit="layer")):
+        weights = {name: lin.weight.data for name, lin in layer_linears(layer, adapter).items()}
+        hessians = {k: h for k, (h, _) in store.read_layer(i).items()}
+        rows += step(estimate_layer, i, weights, adapter.groups, hessians, e.grid, e.percdamp, e.owl_m)
+    df = pd.DataFrame(rows)
+    write_atomic(paths.estimates, df.to_parquet(index=False))
+    plots.estimated_loss(df, paths.reports / "plots" / "estimated_loss.png")
+
+
+if __name__ == "__main__":
+    main("estimate")

@@ -1,0 +1,55 @@
+"""evaluate@<model>: perplexity of the dense, pruned or compressed model -> reports/metrics/<model>.json.
+
+    python -m stages.evaluate pruned
+"""
+from __future__ import annotations
+
+from prunekit.artifacts import read_json, write_json
+from prunekit.config import ConfigError, Params
+from prunekit.data import bos_id
+from prunekit.evaluate import evaluate_model, protocol
+from prunekit.models import load_model, load_tokenizer, max_positions, pick_device
+from stages.common import Paths, log, main
+
+VARIANTS = ("dense", "pruned", "compressed")
+
+
+def check(params: Params) -> None:
+    pass
+
+
+def needs(paths: Paths, variant: str = "dense") -> list:
+    return [paths.model_dir(variant)]
+
+
+def run(params: Params, step, variant: str = "dense") -> None:
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown model variant {variant!r}; one of {', '.join(VARIANTS)}")
+    paths, e = Paths.of(params), params.evaluate
+    model_dir = paths.model_dir(variant)
+    out = paths.reports / "metrics" / f"{variant}.json"
+    meta = read_json(model_dir / "prunekit.json")
+    if meta.get("enabled") is False:
+        write_json(out, {"model": variant, "skipped": "quantize.enabled is false"})
+        return
+    limit = max_positions(str(model_dir))
+    if limit is not None and e.seqlen > limit:
+        raise ConfigError(f"evaluate.seqlen {e.seqlen} exceeds the model's limit of {limit} positions")
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), device=pick_device(params.runtime.device))
+    results = evaluate_model(model, tokenizer, e.datasets, e.seqlen, e.max_windows, e.batch_size)
+    for name, r in results.items():
+        log.info("%s %s ppl %.3f over %d tokens", variant, name, r["ppl"], r["tokens"])
+    write_json(out, {
+        "model": variant,
+        "fingerprint": meta["fingerprint"],
+        "protocol": protocol(e.seqlen, e.max_windows, bos_id(tokenizer) is not None),
+        "ppl": {name: r["ppl"] for name, r in results.items()},
+        "details": results,
+    })
+
+
+if __name__ == "__main__":
+    import sys
+
+    main("evaluate", *sys.argv[1:])

@@ -1,0 +1,58 @@
+"""The zarr Hessian store: round trip, resume, cache keys, corruption."""
+import pytest
+import torch
+import zarr
+
+from prunekit.config import ConfigError
+from prunekit.hessian_store import HessianStore, StoreError
+
+
+def _layer(seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(8, 8, generator=g), torch.randn(12, 12, generator=g)
+    return {"q": (a @ a.T, 100), "down": (b @ b.T, 100)}
+
+
+def test_round_trip_and_attrs(tmp_path):
+    path = tmp_path / "h.zarr"
+    store = HessianStore.open_for_writing(path, "m1", "c1", n_layers=2, dtype="float32")
+    for i in range(2):
+        store.write_layer(i, _layer(i), {"q": ["q", "k"], "down": ["down"]})
+    assert zarr.open_group(path).metadata.zarr_format == 3
+    read = HessianStore.open_for_reading(path, "m1", "c1")
+    for i in range(2):
+        for key, (h, n) in _layer(i).items():
+            got, got_n = read.read_layer(i)[key]
+            assert torch.equal(got, h) and got_n == n
+    assert read.attrs["model_fingerprint"] == "m1"
+
+
+def test_incomplete_store_resumes_and_is_refused_by_readers(tmp_path):
+    path = tmp_path / "h.zarr"
+    HessianStore.open_for_writing(path, "m1", "c1", 2, "float32").write_layer(0, _layer(0), {})
+    with pytest.raises(StoreError, match=r"incomplete: layers \[1\]"):
+        HessianStore.open_for_reading(path, "m1", "c1")
+    again = HessianStore.open_for_writing(path, "m1", "c1", 2, "float32")
+    assert again.has_layer(0) and not again.has_layer(1)
+
+
+def test_fingerprints_are_the_cache_key(tmp_path):
+    path = tmp_path / "h.zarr"
+    HessianStore.open_for_writing(path, "m1", "c1", 1, "float32").write_layer(0, _layer(0), {})
+    with pytest.raises(StoreError, match="another model"):
+        HessianStore.open_for_reading(path, "m2", "c1")
+    with pytest.raises(StoreError, match="other calibration"):
+        HessianStore.open_for_reading(path, "m1", "c2")
+    fresh = HessianStore.open_for_writing(path, "m2", "c1", 1, "float32")  # wiped, not reused
+    assert not fresh.has_layer(0)
+    with pytest.raises(ConfigError, match="not found"):
+        HessianStore.open_for_reading(tmp_path / "none.zarr", "m1")
+
+
+def test_corrupted_array_names_the_layer(tmp_path):
+    path = tmp_path / "h.zarr"
+    store = HessianStore.open_for_writing(path, "m1", "c1", 1, "float32")
+    store.write_layer(0, _layer(0), {})
+    zarr.open_group(path, mode="r+")["layer_000"]["q"][0, 0] = 123.0
+    with pytest.raises(StoreError, match="layer 0 array q fails its checksum"):
+        HessianStore.open_for_reading(path, "m1", "c1").read_layer(0)

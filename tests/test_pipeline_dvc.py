@@ -1,0 +1,84 @@
+"""The real DVC pipeline on a tiny model in a temporary copy of the repo: full run, partial
+rerun after a late-stage parameter change (never the Hessians), no-op, experiments, and a
+push/pull round trip of the Hessian cache through a local remote."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_params
+
+
+def _sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(os.sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_models, prefect_api) -> Path:
+    """A copy of the project's tracked and unignored files, as its own git + DVC repo."""
+    repo = tmp_path_factory.mktemp("repo")
+    files = _sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file() and not rel.startswith(("reports/", "data/models", "data/hessians")):
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_models["llama"])))
+    _sh(["git", "init", "-q"], repo)
+    _sh(["dvc", "remote", "modify", "shared", "url", str(repo.parent / "remote")], repo)
+    return repo
+
+
+def test_full_then_partial_rerun_then_noop(repo):
+    first = _sh(["dvc", "repro"], repo)
+    ran = _ran(first.stdout)
+    assert {"prepare_model", "calibrate", "hessians", "estimate", "schedule", "prune", "quantize",
+            "evaluate@dense", "evaluate@pruned", "evaluate@compressed", "report"} <= ran
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.7, abs=0.01)
+    assert metrics["pruned"]["wikitext2"] > metrics["dense"]["wikitext2"] > 1
+    assert (repo / "reports" / "report.md").read_text().startswith("# Compression report: tiny")
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prune"]["sparsity"] = 0.6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    second = _ran(_sh(["dvc", "repro"], repo).stdout)
+    assert second == {"schedule", "prune", "quantize", "evaluate@pruned", "evaluate@compressed", "report"}
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
+
+    noop = _sh(["dvc", "repro"], repo)
+    assert _ran(noop.stdout) == set()
+    shown = _sh(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "wikitext2" in shown
+
+
+def test_experiment_with_set_param(repo):
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], repo)
+    out = _sh(["dvc", "exp", "run", "-S", "prune.sparsity=0.5"], repo)
+    assert "hessians" not in _ran(out.stdout)
+    shown = _sh(["dvc", "exp", "show", "--json"], repo).stdout
+    assert "0.5" in shown
+
+
+def test_hessian_cache_round_trips_through_the_remote(repo):
+    store = next((repo / "data" / "hessians").glob("*.zarr"))
+    _sh(["dvc", "push"], repo)
+    shutil.rmtree(store)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _sh(["dvc", "pull"], repo)
+    assert store.is_dir()
+    out = _sh(["dvc", "repro"], repo)
+    assert "hessians" not in _ran(out.stdout)
