@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from prunekit.config import ConfigError, Params, load_params
 from prunekit.hessian_store import StoreError
@@ -32,9 +33,27 @@ def prefect_step(fn: Callable, *args, **kwargs):
 
 
 def run_stage(name: str, run: Callable[..., None], params: Params, *args: str) -> None:
-    """Run one stage's `run(params, step, *args)` as a Prefect flow named after the stage."""
-    flow_name = "@".join((name, *args))
-    flow(run, name=flow_name, log_prints=True, persist_result=False, validate_parameters=False)(params, prefect_step, *args)
+    """Run one stage's `run(params, step, *args)` as a Prefect flow named after the stage.
+
+    Bad input found inside the stage (ConfigError, StoreError) fails the flow run with the
+    user's one-line reason as its state message — no traceback in the logs — and is raised
+    again here for the caller to report. Anything else propagates with its traceback.
+    """
+    refused: list[Exception] = []
+
+    def stage(params: Params, step: Callable, *args: str):
+        try:
+            run(params, step, *args)
+        except (ConfigError, StoreError) as exc:
+            refused.append(exc)
+            return Failed(message=str(exc))
+
+    stage.__name__ = name
+    state = flow(stage, name="@".join((name, *args)), log_prints=True, persist_result=False,
+                 validate_parameters=False)(params, prefect_step, *args, return_state=True)
+    if refused:
+        raise refused[0]
+    state.result()
 
 
 def stage_module(name: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,9 +16,11 @@ from tqdm.auto import tqdm
 
 from . import kernels
 from .config import PruneParams, QuantizeParams
-from .hessian_store import HessianStore
 from .layerwise import LayerwiseRunner
 from .models import Adapter, decoder_layers
+
+if TYPE_CHECKING:  # the store (zarr) is needed only by the stages that read or write it
+    from .hessian_store import HessianStore
 
 log = logging.getLogger(__name__)
 Step = Callable[..., Any]

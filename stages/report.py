@@ -9,7 +9,7 @@ import torch
 from prunekit.artifacts import read_json, write_atomic, write_json
 from prunekit.config import Params
 from stages.common import Paths, main
-from stages.evaluate import VARIANTS
+from stages import evaluate
 
 
 def check(params: Params) -> None:
@@ -17,12 +17,12 @@ def check(params: Params) -> None:
 
 
 def needs(paths: Paths) -> list:
-    return [paths.reports / "metrics" / f"{v}.json" for v in VARIANTS] + [paths.schedule, paths.pruned]
+    return [paths.reports / "metrics" / f"{v}.json" for v in evaluate.VARIANTS] + [paths.schedule, paths.pruned]
 
 
 def run(params: Params, step) -> None:
     paths = Paths.of(params)
-    per_model = {v: read_json(paths.reports / "metrics" / f"{v}.json") for v in VARIANTS}
+    per_model = {v: read_json(paths.reports / "metrics" / f"{v}.json") for v in evaluate.VARIANTS}
     evaluated = {v: m for v, m in per_model.items() if "ppl" in m}
     pruned = read_json(paths.pruned / "prunekit.json")
     schedule = read_json(paths.schedule)

@@ -32,8 +32,9 @@ def prefect_api(tmp_path_factory):
     from flows.server import prefect_server
 
     home = tmp_path_factory.mktemp("prefect_home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_LOGGING_TO_API_ENABLED")}
     os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # nothing left to flush at teardown
     with prefect_server() as url:
         os.environ["PREFECT_API_URL"] = url
         yield url

@@ -1,0 +1,66 @@
+"""The whole pipeline as one Prefect flow, in process, on tiny models; the library's layer loops
+on every architecture."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_params
+from prunekit.config import Params
+from prunekit.models import adapter_for, decoder_layers
+from tiny import CONFIGS
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bloom", "gemma3_text"])  # llama: the DVC test
+def test_pipeline_flow(model_type, tiny_models, prefect_api, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_params(tiny_models[model_type], schedule={"allocator": "owl" if model_type == "opt" else "kmeans"},
+                      prune={"mode": "parallel" if model_type == "bloom" else "sequential"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    pipeline(Params.model_validate(raw))
+
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["sparsity"]["achieved"] == pytest.approx(0.7, abs=0.01)
+    assert set(metrics["compressed"]) == {"wikitext2", "c4"}
+    store = tmp_path / "data" / "hessians" / "tiny__c4.zarr"
+    assert (store / "zarr.json").is_file() and (store / "layer_002").is_dir()
+
+    # The exported models are plain HF folders: pruned zeros stay zero through quantization and
+    # every group of 32 inputs of a row holds at most 2^4 levels besides the pruned zeros.
+    compressed = AutoModelForCausalLM.from_pretrained(tmp_path / "data" / "compressed" / "tiny")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "data" / "pruned" / "tiny")
+    adapter = adapter_for(pruned)
+    for layer_q, layer_p in zip(decoder_layers(compressed, adapter), decoder_layers(pruned, adapter)):
+        for name in adapter.linears:
+            w_q, w_p = layer_q.get_submodule(name).weight, layer_p.get_submodule(name).weight
+            assert (w_q[w_p == 0] == 0).all(), name
+            assert (w_p == 0).float().mean() > 0.5, name
+            assert len(torch.unique(w_q[0, :32])) <= 2 ** 4 + 1, name
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_prune_and_quantize_every_architecture(model_type, tiny_models):
+    from prunekit.config import PruneParams, QuantizeParams
+    from prunekit.drivers import prune_model, quantize_model
+    from prunekit.layerwise import LayerwiseRunner
+    from prunekit.models import load_model, prunable_parameters
+
+    model = load_model(str(tiny_models[model_type]))
+    adapter = adapter_for(model)
+    windows = torch.randint(4, 500, (4, 48))
+    sparsity = {key: 0.6 for key in prunable_parameters(model, adapter)}
+    stats = prune_model(model, adapter, sparsity, PruneParams(sparsity=0.6),
+                        runner=LayerwiseRunner(model, adapter, windows, torch.device("cpu")))
+    assert set(stats) == set(sparsity)
+    assert all(abs(s["sparsity"] - 0.6) < 0.01 for s in stats.values())
+    layers = decoder_layers(model, adapter)
+    pruned = {(i, n): layers[i].get_submodule(n).weight == 0 for i in range(len(layers)) for n in adapter.linears}
+    quantize_model(model, adapter, LayerwiseRunner(model, adapter, windows, torch.device("cpu")), QuantizeParams(bits=3))
+    for (i, name), mask in pruned.items():
+        w = layers[i].get_submodule(name).weight
+        assert (w[mask] == 0).all()  # quantization may round more survivors to 0, never revive one
+        assert len(torch.unique(w[0])) <= 2 ** 3 + 1
