@@ -1,0 +1,83 @@
+"""Uniform integer grids for weight quantization (GPTQ's min-max quantizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How weights are quantized: a per-output-row grid, optionally per group of input columns.
+
+    A grid is scale s and integer zero point z; a weight x is stored as the integer
+    k = clamp(round(x / s) + z, 0, 2^bits - 1) and reads back as s · (k - z).
+    The default is GPTQ's asymmetric min-max grid over [min(x, 0), max(x, 0)]; `sym` uses
+    [-max|x|, max|x|] with z = 2^(bits-1). Both grids contain 0 exactly, so pruned weights
+    stay exactly zero after quantization.
+
+    Attributes:
+        bits: 2..8 bits per weight.
+        sym: symmetric grid instead of asymmetric min-max.
+        groupsize: one grid per `groupsize` consecutive input columns (None: one per row).
+        act_order: GPTQ processes columns in order of decreasing H_jj (only `gptq` supports it).
+
+    Example:
+        >>> spec = QuantSpec(bits=4, groupsize=128)
+        >>> W = torch.randn(8, 256)
+        >>> scale, zero = spec.grid(W[:, :128])
+        >>> Wq = spec.quantize(W[:, :128], scale[:, None], zero[:, None])
+    """
+
+    bits: int = 4
+    sym: bool = False
+    groupsize: int | None = None
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
+        if self.groupsize is not None and (
+            isinstance(self.groupsize, bool) or not isinstance(self.groupsize, int) or self.groupsize < 1
+        ):
+            raise ValueError(f"groupsize must be None or an int >= 1, got {self.groupsize!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer level, 2^bits - 1."""
+        return 2**self.bits - 1
+
+    def n_groups(self, d_in: int) -> int:
+        """Number of grids per output row for an input width of d_in."""
+        return 1 if self.groupsize is None else -(-d_in // self.groupsize)
+
+    def grid(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """Min-max grid for each row of W (rows, cols): scale and zero point, both (rows,) fp32.
+
+        The range always includes 0; an all-zero row gets the range [-1, 1] (as in GPTQ) so its
+        scale is positive.
+        """
+        W = W.to(torch.float32)
+        xmin = W.amin(dim=1).clamp(max=0)
+        xmax = W.amax(dim=1).clamp(min=0)
+        if self.sym:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = -xmax
+        empty = xmax == xmin
+        xmin = xmin.masked_fill(empty, -1.0)
+        xmax = xmax.masked_fill(empty, 1.0)
+        scale = ((xmax - xmin) / self.maxq).clamp(min=_TINY)
+        if self.sym:
+            zero = torch.full_like(scale, float(2 ** (self.bits - 1)))
+        else:
+            zero = torch.round(-xmin / scale)
+        return scale, zero
+
+    def quantize(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Nearest grid value s · (clamp(round(x / s) + z, 0, maxq) - z); scale/zero broadcast."""
+        k = torch.round(x / scale).add_(zero).clamp_(0, self.maxq)
+        return k.sub_(zero).mul_(scale)

@@ -1,0 +1,530 @@
+"""Numerical tests of prunekit.kernels against brute force on small problems."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from prunekit.kernels import (
+    HessianFactor,
+    QuantSpec,
+    factorize,
+    gptq,
+    magnitude,
+    sparsegpt,
+    sparsegpt_many,
+    wanda,
+)
+from prunekit.kernels.masks import smallest
+
+
+def problem(d_out: int, d_in: int, *, n_tokens: int | None = None, seed: int = 0, dead: tuple[int, ...] = ()):
+    """Weights W, inputs X = Z A (correlated, uneven feature scales) and H = (2/N) X^T X."""
+    g = torch.Generator().manual_seed(seed)
+    n_tokens = n_tokens or 4 * d_in
+    Z = torch.randn(n_tokens, d_in, generator=g)
+    A = torch.eye(d_in) + 0.5 * torch.randn(d_in, d_in, generator=g) / d_in**0.5
+    X = (Z @ A) * torch.exp(torch.randn(d_in, generator=g))
+    X[:, list(dead)] = 0
+    W = torch.randn(d_out, d_in, generator=g)
+    return W, X, 2 / n_tokens * X.T @ X
+
+
+def damped(H: Tensor, percdamp: float = 0.01) -> Tensor:
+    """The matrix factorize() factorises: dead H_jj -> 1, plus percdamp · mean(diag) · I (fp64)."""
+    H = H.double().clone()
+    H.diagonal()[H.diagonal() == 0] = 1
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    return H
+
+
+def brute_force_obs(W: Tensor, H: Tensor, mask: Tensor) -> tuple[Tensor, float]:
+    """SparseGPT's definition, without Cholesky tricks: visit columns left to right; pruning
+    column j re-optimises the still free columns F = {j..n-1} exactly, i.e. minimises
+    (w - ŵ)_F H_FF (w - ŵ)_F^T subject to ŵ_j = 0, which moves w_F by
+    -w_j / [H_FF^-1]_00 · [H_FF^-1]_0,: at a loss of w_j^2 / [H_FF^-1]_00 / 2."""
+    W = W.double().clone()
+    loss = 0.0
+    for j in range(W.shape[1]):
+        H_inv = torch.linalg.inv(H[j:, j:])
+        rows = mask[:, j]
+        w_j = W[rows, j]
+        loss += float((w_j**2).sum() / H_inv[0, 0] / 2)
+        W[rows, j:] -= (w_j / H_inv[0, 0])[:, None] * H_inv[0][None, :]
+        W[rows, j] = 0
+    return W, loss
+
+
+def eager_reference(
+    W: Tensor,
+    U: Tensor,
+    *,
+    sparsity: float = 0.0,
+    prunen: int = 0,
+    prunem: int = 0,
+    blocksize: int = 128,
+    fixed: Tensor | None = None,
+    spec: QuantSpec | None = None,
+) -> tuple[Tensor, float]:
+    """The textbook column loop in fp64 with the kernels' documented rules: unstructured masks
+    per block of `blocksize` columns, N:M masks when a group's first column is reached, grids
+    when a quantization group's first column is reached (from current values, entries already
+    known to be pruned zeroed), every error applied to all later columns at once."""
+    W, U = W.double().clone(), U.double()
+    d = U.diagonal()
+    n = W.shape[1]
+    mask = fixed.clone() if fixed is not None else torch.zeros_like(W, dtype=torch.bool)
+    groupsize = (spec.groupsize or n) if spec else n
+    loss = 0.0
+    for j in range(n):
+        if sparsity and j % blocksize == 0:
+            block = slice(j, min(j + blocksize, n))
+            scores = (W[:, block] ** 2 / d[block] ** 2).flatten()
+            chosen = torch.zeros_like(scores, dtype=torch.bool)
+            chosen[torch.argsort(scores, stable=True)[: round(sparsity * scores.numel())]] = True
+            mask[:, block] = chosen.view(W.shape[0], -1)
+        if prunem and j % prunem == 0:
+            scores = W[:, j : j + prunem] ** 2 / d[j : j + prunem] ** 2
+            mask[:, j : j + prunem].scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :prunen], True)
+        q = W[:, j].clone()
+        if spec is not None:
+            if j % groupsize == 0:
+                scale, zero = spec.grid(W[:, j : j + groupsize].masked_fill(mask[:, j : j + groupsize], 0).float())
+            q = spec.quantize(q, scale.double(), zero.double())
+        q[mask[:, j]] = 0
+        err = (W[:, j] - q) / d[j]
+        loss += float((err**2).sum() / 2)
+        W[:, j] = q
+        W[:, j + 1 :] -= err[:, None] * U[j, j + 1 :][None, :]
+    return W, loss
+
+
+def output_error(W: Tensor, W_hat: Tensor, X: Tensor) -> float:
+    return float(((W - W_hat) @ X.T).norm() / (W @ X.T).norm())
+
+
+def on_grid(weight: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec, groups: Tensor) -> None:
+    """Every entry is scale · (k - zero) for an integer k in [0, maxq] of its row's group."""
+    s = scales[:, groups].double()
+    z = zeros[:, groups].double()
+    k = weight.double() / s + z
+    assert torch.allclose(k, k.round(), atol=1e-4), float((k - k.round()).abs().max())
+    assert float(k.round().min()) >= 0 and float(k.round().max()) <= spec.maxq
+    assert torch.equal(zeros, zeros.round())
+
+
+# --- mask selection ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "sample_misleads", "arange"])
+def test_smallest_is_the_stable_sort_prefix(case):
+    """Large inputs take the sampled path; it must give exactly what a stable sort gives."""
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    x = torch.rand(n, generator=g)
+    if case == "ties":
+        x = torch.randint(0, 50, (n,), generator=g).float()
+    elif case == "sample_misleads":
+        x += 1
+        x[::16] = 0
+    elif case == "arange":
+        x = torch.arange(n, dtype=torch.float32).flip(0)
+    for k in (1, 777, n // 2, n - 3):
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.argsort(x, stable=True)[:k]] = True
+        assert torch.equal(smallest(x.view(250, 400), k).flatten(), expected)
+    rows = x.view(250, 400)
+    first = torch.argsort(rows, dim=1, stable=True)[:, :150]
+    expected = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, first, True)
+    assert torch.equal(smallest(rows, 150, dim=1), expected)
+
+
+# --- factorize ---------------------------------------------------------------------------
+
+
+def test_factorize_is_cholesky_of_damped_inverse():
+    _, _, H = problem(4, 48, dead=(5, 17))
+    f = factorize(H, percdamp=0.02)
+    H_d = damped(H, 0.02)
+    assert torch.allclose(f.U.double().T @ f.U.double() @ H_d, torch.eye(48, dtype=torch.float64), atol=1e-4)
+    assert torch.equal(f.U, f.U.triu()) and bool((f.U.diagonal() > 0).all())
+    assert f.dead.nonzero().flatten().tolist() == [5, 17]
+    assert torch.equal(f.diag, H.diagonal())
+    T, r = f.T.double(), f.r.double()
+    assert torch.equal(f.T.diagonal(), torch.ones(48)) and torch.equal(f.T, f.T.triu())
+    assert torch.allclose(T * r**2 @ T.T, H_d, rtol=1e-4, atol=1e-4 * float(H_d.diagonal().max()))
+    assert torch.allclose(f.r, 1 / f.U.diagonal(), rtol=1e-5)
+
+
+def test_factorize_falls_back_to_fp64():
+    """An fp64 Hessian too ill-conditioned for fp32 Cholesky still factorises."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    H = Q @ torch.diag(torch.logspace(0, -12, 64, dtype=torch.float64)) @ Q.T
+    assert int(torch.linalg.cholesky_ex(H.float())[1]) != 0
+    f = factorize(H, percdamp=0.0)
+    T, r = f.T.double(), f.r.double()
+    assert bool(torch.isfinite(f.T).all()) and bool((f.r > 0).all())
+    assert torch.allclose(T * r**2 @ T.T, H, atol=1e-6)
+
+
+def test_factorize_rank_deficient_hessian_is_damped():
+    W, X, H = problem(8, 64, n_tokens=16)
+    assert int(torch.linalg.matrix_rank(H)) <= 16
+    f = factorize(H)
+    res = sparsegpt(W, f, 0.5)
+    assert bool(torch.isfinite(f.U).all()) and bool(torch.isfinite(res.weight).all())
+    assert output_error(W, res.weight, X) < output_error(W, magnitude(W, 0.5).weight, X)
+
+
+@pytest.mark.parametrize(
+    "H, percdamp",
+    [
+        (torch.ones(3, 4), 0.01),
+        (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), 0.01),
+        (-torch.eye(3), 0.01),
+        (torch.tensor([[1.0, 2.0], [2.0, 1.0]]), 0.0),
+        (torch.eye(3), -0.1),
+        (torch.eye(3, dtype=torch.int64), 0.01),
+    ],
+)
+def test_factorize_rejects_bad_input(H, percdamp):
+    with pytest.raises(ValueError):
+        factorize(H, percdamp)
+
+
+# --- sparsegpt -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, blocksize", [((8, 8), 8), ((16, 12), 12), ((16, 12), 4), ((6, 20), 7)])
+def test_sparsegpt_equals_brute_force_obs_for_its_mask(shape, blocksize):
+    W, _, H = problem(*shape, seed=shape[1])
+    f = factorize(H)
+    res = sparsegpt(W, f, 0.5, blocksize=blocksize)
+    expected, loss = brute_force_obs(W, damped(H), res.weight == 0)
+    assert torch.allclose(res.weight.double(), expected, atol=1e-4, rtol=1e-4)
+    assert math.isclose(res.loss, loss, rel_tol=1e-4)
+
+
+def test_sparsegpt_is_the_masked_least_squares_optimum_when_pruned_columns_come_first():
+    """With every row pruned on the same leading columns S (and the survivors F after them),
+    each OBS step re-optimises all survivors, so the sweep lands on the exact optimum
+    min (w - ŵ) H (w - ŵ)^T s.t. ŵ_S = 0: ŵ_F = w_F + w_S H_SF H_FF^-1."""
+    W, _, H = problem(16, 12, seed=3)
+    W[:, :6] *= 1e-3
+    res = sparsegpt(W, factorize(H), 0.5, blocksize=12)
+    S, F = slice(0, 6), slice(6, 12)
+    assert bool((res.weight[:, S] == 0).all()) and bool((res.weight[:, F] != 0).all())
+    H_d, w = damped(H), W.double()
+    optimum = w[:, F] + torch.linalg.solve(H_d[F, F], H_d[F, S] @ w[:, S].T).T
+    assert torch.allclose(res.weight[:, F].double(), optimum, atol=1e-4, rtol=1e-4)
+    delta = w - res.weight.double()
+    assert math.isclose(res.loss, float(torch.einsum("ri,ij,rj->", delta, H_d, delta)) / 2, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.99])
+@pytest.mark.parametrize("d_in, blocksize", [(64, 128), (200, 128), (96, 32)])
+def test_sparsegpt_hits_exact_sparsity_per_block(sparsity, d_in, blocksize):
+    W, _, H = problem(24, d_in, seed=d_in)
+    res = sparsegpt(W, factorize(H), sparsity, blocksize=blocksize)
+    widths = [min(blocksize, d_in - a) for a in range(0, d_in, blocksize)]
+    for a, width in zip(range(0, d_in, blocksize), widths):
+        assert int((res.weight[:, a : a + width] == 0).sum()) == round(sparsity * 24 * width)
+    assert bool(torch.isfinite(res.weight).all())
+
+
+@pytest.mark.parametrize("prunen, prunem", [(2, 4), (4, 8), (1, 4)])
+def test_sparsegpt_n_of_m_pattern(prunen, prunem):
+    W, _, H = problem(16, 64)
+    res = sparsegpt(W, factorize(H), 0, prunen=prunen, prunem=prunem, blocksize=32)
+    zeros = (res.weight == 0).reshape(16, -1, prunem).sum(dim=2)
+    assert bool((zeros == prunen).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(sparsity=0.6, blocksize=24),
+        dict(sparsity=0.5, prunen=2, prunem=4, blocksize=24),
+        dict(sparsity=0.5, blocksize=40, quant=QuantSpec(bits=4)),
+        dict(sparsity=0.5, blocksize=24, quant=QuantSpec(bits=3, groupsize=20)),
+        dict(sparsity=0.5, prunen=2, prunem=4, blocksize=16, quant=QuantSpec(bits=4, sym=True, groupsize=36)),
+    ],
+)
+def test_sparsegpt_equals_eager_column_loop(kwargs):
+    """Blocked/lazy updates, inner blocks and group grids give the eager loop's result."""
+    W, _, H = problem(32, 72, seed=7)
+    f = factorize(H)
+    res = sparsegpt(W, f, **kwargs)
+    sparsity = kwargs.pop("sparsity")
+    if kwargs.get("prunem"):
+        sparsity = 0.0
+    expected, loss = eager_reference(W, f.U, sparsity=sparsity, spec=kwargs.pop("quant", None), **kwargs)
+    close = torch.isclose(res.weight.double(), expected, atol=1e-4, rtol=1e-4)
+    assert float(close.float().mean()) > 0.99
+    assert math.isclose(res.loss, loss, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=3, groupsize=16), QuantSpec(bits=2, sym=True)])
+def test_sparsegpt_joint_quantization_is_on_grid_and_keeps_zeros(spec):
+    W, _, H = problem(16, 48)
+    f = factorize(H)
+    pruned_only = sparsegpt(W, f, 0.5, blocksize=16)
+    res = sparsegpt(W, f, 0.5, blocksize=16, quant=spec)
+    groups = torch.arange(48) // (spec.groupsize or 48)
+    assert res.scales.shape == (16, spec.n_groups(48)) and res.zeros.shape == (16, spec.n_groups(48))
+    on_grid(res.weight, res.scales, res.zeros, spec, groups)
+    assert int((res.weight == 0).sum()) >= 16 * 48 // 2
+    assert pruned_only.scales is None
+
+
+def test_error_ordering_sparsegpt_wanda_magnitude():
+    W, X, H = problem(64, 128, seed=1)
+    f = factorize(H)
+    errors = [output_error(W, r.weight, X) for r in (sparsegpt(W, f, 0.5), wanda(W, f, 0.5), magnitude(W, 0.5))]
+    assert errors[0] < errors[1] < errors[2], errors
+
+
+def test_sparsegpt_dead_columns_are_zeroed():
+    W, _, H = problem(8, 32, dead=(3, 30))
+    f = factorize(H)
+    for res in (sparsegpt(W, f, 0.5), sparsegpt(W, f, 0.0), sparsegpt(W, f, 0.5, quant=QuantSpec())):
+        assert bool((res.weight[:, [3, 30]] == 0).all())
+        assert bool(torch.isfinite(res.weight).all())
+
+
+def test_sparsegpt_sparsity_zero_returns_w():
+    W, _, H = problem(8, 32)
+    res = sparsegpt(W, factorize(H), 0.0)
+    assert torch.equal(res.weight, W) and res.loss == 0.0
+
+
+def test_sparsegpt_keeps_shape_dtype_and_does_not_mutate():
+    W, _, H = problem(16, 40)
+    W = W.to(torch.bfloat16)
+    f = factorize(H)
+    W_before, U_before = W.clone(), f.U.clone()
+    res = sparsegpt(W, f, 0.5, blocksize=16, quant=QuantSpec())
+    assert res.weight.shape == W.shape and res.weight.dtype == torch.bfloat16 and res.weight.is_contiguous()
+    assert torch.equal(W, W_before) and torch.equal(f.U, U_before)
+    assert int((res.weight == 0).sum()) >= 16 * 20
+
+
+def test_sparsegpt_is_deterministic():
+    W, _, H = problem(32, 200)
+    f = factorize(H)
+    for kwargs in (dict(), dict(prunen=2, prunem=4), dict(quant=QuantSpec(groupsize=64))):
+        a = sparsegpt(W, f, 0.5, **kwargs)
+        b = sparsegpt(W, f, 0.5, **kwargs)
+        assert torch.equal(a.weight, b.weight) and a.loss == b.loss
+
+
+@pytest.mark.parametrize(
+    "sparsities, kwargs",
+    [
+        ([0.5] * 3, dict()),
+        ([0.3, 0.0, 0.8], dict()),
+        ([0.5] * 3, dict(prunen=2, prunem=4)),
+        ([0.6, 0.5, 0.4], dict(quant=QuantSpec(bits=4, groupsize=32))),
+    ],
+)
+def test_sparsegpt_many_equals_separate_calls(sparsities, kwargs):
+    _, _, H = problem(1, 96)
+    f = factorize(H)
+    g = torch.Generator().manual_seed(5)
+    Ws = [torch.randn(rows, 96, generator=g) * scale for rows, scale in ((24, 1.0), (8, 3.0), (16, 0.1))]
+    together = sparsegpt_many(Ws, f, sparsities, blocksize=32, **kwargs)
+    for W, p, res in zip(Ws, sparsities, together):
+        alone = sparsegpt(W, f, p, blocksize=32, **kwargs)
+        assert torch.equal(res.weight == 0, alone.weight == 0)
+        assert torch.allclose(res.weight, alone.weight, atol=1e-6, rtol=1e-5)
+        assert math.isclose(res.loss, alone.loss, rel_tol=1e-5)
+
+
+# --- gptq ----------------------------------------------------------------------------------
+
+
+def rtn(W: Tensor, spec: QuantSpec) -> Tensor:
+    """Round to nearest on the same grids (no error compensation)."""
+    gs = spec.groupsize or W.shape[1]
+    parts = []
+    for g in range(0, W.shape[1], gs):
+        scale, zero = spec.grid(W[:, g : g + gs])
+        parts.append(spec.quantize(W[:, g : g + gs], scale[:, None], zero[:, None]))
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4),
+        QuantSpec(bits=3, groupsize=32),
+        QuantSpec(bits=4, sym=True, groupsize=48),
+        QuantSpec(bits=4, act_order=True),
+        QuantSpec(bits=3, groupsize=32, act_order=True),
+    ],
+)
+def test_gptq_on_grid_and_better_than_round_to_nearest(spec):
+    W, X, H = problem(32, 128, seed=2)
+    res = gptq(W, H, spec, blocksize=48)
+    groups = torch.arange(128) // (spec.groupsize or 128)
+    on_grid(res.weight, res.scales, res.zeros, spec, groups)
+    assert output_error(W, res.weight, X) < output_error(W, rtn(W, spec), X)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, groupsize=24), QuantSpec(bits=3)])
+def test_gptq_keep_zeros_equals_eager_column_loop(spec):
+    W, _, H = problem(24, 64, seed=4)
+    W = magnitude(W, 0.5).weight
+    res = gptq(W, H, spec, blocksize=16)
+    expected, loss = eager_reference(W, factorize(H).U, fixed=W == 0, spec=spec)
+    assert bool((res.weight[W == 0] == 0).all())
+    assert float(torch.isclose(res.weight.double(), expected, atol=1e-4, rtol=1e-4).float().mean()) > 0.99
+    assert math.isclose(res.loss, loss, rel_tol=1e-3)
+
+
+def test_gptq_keep_zeros_after_sparsegpt_and_act_order():
+    W, X, H = problem(32, 96, seed=6)
+    pruned = sparsegpt(W, factorize(H), 0.6).weight
+    for spec in (QuantSpec(bits=4, groupsize=32), QuantSpec(bits=4, groupsize=32, act_order=True)):
+        res = gptq(pruned, H, spec)
+        assert bool((res.weight[pruned == 0] == 0).all())
+        on_grid(res.weight, res.scales, res.zeros, spec, torch.arange(96) // 32)
+        assert output_error(pruned, res.weight, X) < output_error(pruned, rtn(pruned, spec), X)
+    loose = gptq(pruned, H, QuantSpec(bits=4), keep_zeros=False)
+    assert int((loose.weight == 0).sum()) < int((pruned == 0).sum())
+
+
+def test_gptq_act_order_uses_static_groups_of_original_columns():
+    W, _, H = problem(8, 64, seed=8)
+    spec = QuantSpec(bits=4, groupsize=16, act_order=True)
+    res = gptq(W, H, spec)
+    for g in range(4):
+        scale, zero = spec.grid(W[:, 16 * g : 16 * (g + 1)])
+        assert torch.equal(res.scales[:, g], scale) and torch.equal(res.zeros[:, g], zero)
+
+
+def test_gptq_dead_columns_deterministic_and_pure():
+    W, _, H = problem(8, 40, dead=(0, 7))
+    W_before, H_before = W.clone(), H.clone()
+    a = gptq(W, H, QuantSpec(bits=4, groupsize=8, act_order=True))
+    b = gptq(W, H, QuantSpec(bits=4, groupsize=8, act_order=True))
+    assert torch.equal(a.weight, b.weight) and a.loss == b.loss
+    assert bool((a.weight[:, [0, 7]] == 0).all())
+    assert torch.equal(W, W_before) and torch.equal(H, H_before)
+
+
+# --- wanda / magnitude ---------------------------------------------------------------------
+
+
+def test_wanda_prunes_smallest_scores_per_row_and_reports_loss():
+    W, _, H = problem(12, 40)
+    f = factorize(H)
+    res = wanda(W, f, 0.25)
+    scores = W.abs() * H.diagonal().sqrt()
+    kept_min = scores.masked_fill(res.weight == 0, float("inf")).amin(dim=1)
+    pruned_max = scores.masked_fill(res.weight != 0, float("-inf")).amax(dim=1)
+    assert bool((pruned_max <= kept_min).all())
+    assert bool(((res.weight == 0).sum(dim=1) == 10).all())
+    mask = res.weight == 0
+    assert math.isclose(res.loss, float((W**2 / f.U.diagonal() ** 2)[mask].sum()) / 2, rel_tol=1e-5)
+    from_diag = wanda(W, H.diagonal(), 0.25)
+    assert torch.equal(from_diag.weight, res.weight)
+    assert math.isclose(from_diag.loss, float((W**2 * H.diagonal())[mask].sum()) / 2, rel_tol=1e-5)
+
+
+def test_magnitude_global_and_n_of_m():
+    W, _, _ = problem(16, 32)
+    W_before = W.clone()
+    res = magnitude(W, 0.7)
+    assert int((res.weight == 0).sum()) == round(0.7 * W.numel())
+    assert float(W.abs()[res.weight == 0].max()) <= float(W.abs()[res.weight != 0].min())
+    assert math.isclose(res.loss, float((W**2)[res.weight == 0].sum()) / 2, rel_tol=1e-5)
+    nm = magnitude(W, 0.5, prunen=2, prunem=4)
+    assert bool(((nm.weight == 0).reshape(16, 8, 4).sum(dim=2) == 2).all())
+    wnm = wanda(W, torch.ones(32), 0, prunen=4, prunem=8)
+    assert bool(((wnm.weight == 0).reshape(16, 4, 8).sum(dim=2) == 4).all())
+    assert torch.equal(W, W_before)
+
+
+def test_ties_are_broken_by_position_with_exact_counts():
+    W = torch.ones(4, 8)
+    res = magnitude(W, 0.5)
+    assert int((res.weight == 0).sum()) == 16
+    assert bool((res.weight[:2] == 0).all()) and bool((res.weight[2:] == 1).all())
+    nm = magnitude(W, 0.5, prunen=2, prunem=4)
+    assert torch.equal(nm.weight[0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+
+
+def test_sparsity_zero_is_identity_for_scoring_kernels():
+    W, _, H = problem(8, 16)
+    assert torch.equal(magnitude(W, 0.0).weight, W)
+    assert torch.equal(wanda(W, factorize(H), 0.0).weight, W)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda W, f, H: sparsegpt(W, f, 1.0),
+        lambda W, f, H: sparsegpt(W, f, -0.1),
+        lambda W, f, H: sparsegpt(W, f, 0.5, prunen=4, prunem=4),
+        lambda W, f, H: sparsegpt(W, f, 0.5, prunen=2, prunem=0),
+        lambda W, f, H: sparsegpt(W, f, 0.7, prunen=2, prunem=4),
+        lambda W, f, H: sparsegpt(W, f, 0.0, prunen=2, prunem=4, blocksize=6),
+        lambda W, f, H: sparsegpt(W, f, 0.0, prunen=2, prunem=5),
+        lambda W, f, H: sparsegpt(W, f, 0.5, blocksize=0),
+        lambda W, f, H: sparsegpt(W[:, :16], f, 0.5),
+        lambda W, f, H: sparsegpt(W[0], f, 0.5),
+        lambda W, f, H: sparsegpt(W.masked_fill(W > 2, float("nan")), f, 0.5),
+        lambda W, f, H: sparsegpt(W, H, 0.5),
+        lambda W, f, H: sparsegpt(W, f, 0.5, quant=QuantSpec(act_order=True)),
+        lambda W, f, H: sparsegpt_many([], f, 0.5),
+        lambda W, f, H: sparsegpt_many([W, W], f, [0.5]),
+        lambda W, f, H: sparsegpt_many([W, W], f, [0.5, 1.0]),
+        lambda W, f, H: gptq(W, H[:16, :16], QuantSpec()),
+        lambda W, f, H: gptq(W, H, 4),
+        lambda W, f, H: gptq(W, H, QuantSpec(), blocksize=-1),
+        lambda W, f, H: wanda(W, torch.ones(16), 0.5),
+        lambda W, f, H: wanda(W, -torch.ones(32), 0.5),
+        lambda W, f, H: magnitude(W, 1.5),
+        lambda W, f, H: magnitude(W.long(), 0.5),
+        lambda W, f, H: QuantSpec(bits=1),
+        lambda W, f, H: QuantSpec(bits=9),
+        lambda W, f, H: QuantSpec(groupsize=0),
+    ],
+)
+def test_invalid_arguments_raise_value_error(call):
+    W, _, H = problem(8, 32)
+    with pytest.raises(ValueError):
+        call(W, factorize(H), H)
+
+
+def test_hessian_factor_type_is_exported():
+    _, _, H = problem(2, 8)
+    assert isinstance(factorize(H), HessianFactor)
+
+
+# --- CUDA ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_matches_cpu():
+    W, _, H = problem(64, 200, seed=9)
+    f_cpu = factorize(H)
+    f_gpu = factorize(H.cuda())
+    assert f_gpu.U.is_cuda
+    for kwargs in (dict(), dict(prunen=2, prunem=4), dict(quant=QuantSpec(groupsize=64))):
+        cpu = sparsegpt(W, f_cpu, 0.5, **kwargs)
+        gpu = sparsegpt(W.cuda(), f_gpu, 0.5, **kwargs)
+        assert gpu.weight.is_cuda
+        agree = float(((gpu.weight.cpu() == 0) == (cpu.weight == 0)).float().mean())
+        assert agree > 0.99 and math.isclose(gpu.loss, cpu.loss, rel_tol=1e-2)
+    q = gptq(W.cuda(), H.cuda(), QuantSpec(bits=4, groupsize=64, act_order=True))
+    assert q.weight.is_cuda and q.scales.is_cuda
+    assert wanda(W.cuda(), f_gpu, 0.5).weight.is_cuda and magnitude(W.cuda(), 0.5).weight.is_cuda
