@@ -147,6 +147,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
+        n, m = self.prune.n_m
+        if m and abs(self.prune.sparsity - n / m) > 1e-9:
+            raise ValueError(f"prune.structure {n}:{m} means prune.sparsity {n / m:g}, got {self.prune.sparsity}")
         s = self.schedule
         if s.min_sparsity > s.max_sparsity:
             raise ValueError("schedule.min_sparsity must not exceed schedule.max_sparsity")
@@ -172,6 +175,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "params"
+        key = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"invalid parameter {key}: {first['msg']}{more}") from None
+        where = f"invalid parameter {key}" if key else f"invalid parameters in {path}"
+        raise ConfigError(f"{where}: {msg}{more}") from None

@@ -13,9 +13,8 @@ from . import kernels
 
 
 def obs_costs(W: torch.Tensor, factor: "kernels.HessianFactor") -> torch.Tensor:
-    """w_ij² / U_jj² for every weight (d_out, d_in); dead inputs cost nothing."""
-    d = torch.diagonal(factor.U).float()
-    costs = (W.float() / d) ** 2
+    """w_ij² / U_jj² = (w_ij · r_j)² for every weight (d_out, d_in); dead inputs cost nothing."""
+    costs = (W.float() * factor.r) ** 2
     costs[:, factor.dead] = 0.0
     return costs
 

@@ -47,7 +47,7 @@ CASES = {
     "missing text file": ("calibrate", {"calibration": {"source": "./nope.txt"}}, "calibration text file not found", "calib"),
     "calibrating on test text": ("calibrate", {"calibration": {"source": "wikitext2"}}, "evaluation text", "calib"),
     "c4 overlap": ("calibrate", {"calibration": {"c4_docs": [900, 1100]}}, "overlap the C4 evaluation", "calib"),
-    "N:M with kmeans": ("schedule", {"prune": {"structure": "2:4"}}, "needs schedule.allocator 'uniform'", "schedule"),
+    "N:M with kmeans": ("schedule", {"prune": {"structure": "2:4", "sparsity": 0.5}}, "needs schedule.allocator 'uniform'", "schedule"),
     "unsupported architecture": ("prepare_model", {"model": {"name": "other", "source": "GPT2"}},
                                  "unsupported architecture 'gpt2'", "model"),
 }

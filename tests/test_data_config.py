@@ -57,6 +57,7 @@ def test_eval_windows_are_non_overlapping_and_capped():
     ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
     ({"calibration": {"seqlen": 1}}, "calibration.seqlen"),
     ({"prune": {"structure": "4:2"}}, "prune.structure"),
+    ({"prune": {"structure": "2:4", "sparsity": 0.7}}, "2:4 means prune.sparsity 0.5"),
     ({"quantize": {"bits": 9}}, "quantize.bits"),
     ({"schedule": {"k": 0}}, "schedule.k"),
     ({"model": {"name": "../x"}}, "model.name"),
