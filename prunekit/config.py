@@ -131,7 +131,6 @@ class EvaluateParams(_Section):
 
 class RuntimeParams(_Section):
     device: str = "auto"
-    task_runner: Literal["threads", "processes", "dask"] = "threads"
 
 
 class Params(_Section):
