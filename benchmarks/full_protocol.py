@@ -1,0 +1,241 @@
+"""Full-protocol quality numbers on Gemma-3-270M (shared DESIGN notes), on the GPU or CPU.
+
+Protocol: calibration nsamples x seqlen tokens drawn (seed 0) from C4 documents 1000-1999,
+sequential pruning unless a config says parallel, evaluation on every non-overlapping
+seqlen-token window of WikiText-2 test and C4 documents 0-999, BOS first in every window.
+
+Tokenize here (the tokenizer must be the one the project pins; another transformers release
+splits this vocabulary differently), run anywhere:
+
+    python benchmarks/full_protocol.py prepare --out .dev/tok/tokens.pt
+    python benchmarks/full_protocol.py run --model MODEL --tokens .dev/tok/tokens.pt \\
+        --configs dense,sgpt50,sgpt70,sgpt24,gptq4,sgpt70+q4 --out results.json
+
+MODEL is a model source as params.yaml takes it (a .gguf file, a folder, embedded:gemma3-270m).
+Each config starts from the dense weights; the dense Hessians are computed once and shared by
+the allocators that need estimates, by parallel mode and by the sensitivity measurement.
+
+Sensitivity configs (ranked*, measured*) measure output-level curves once per unit kind
+(block / half) on the first --sens-windows calibration windows and share them; the curves are
+also written next to --out (<out>.sens-<unit>-n<nsamples>-w<windows>.csv) and reused by a
+later run with the same calibration, so configs can be split over several invocations:
+
+    python benchmarks/full_protocol.py run --tokens .dev/tok/tokens.pt \\
+        --configs ranked70,measured70,measured80,ranked80,measured70h --out sens.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prunekit.config import PruneParams, QuantizeParams, ScheduleParams  # noqa: E402
+from prunekit.data import bos_id, calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
+from prunekit.drivers import prune_model, quantize_model  # noqa: E402
+from prunekit.estimate import estimate_layer  # noqa: E402
+from prunekit.evaluate import perplexity  # noqa: E402
+from prunekit.layerwise import LayerwiseRunner  # noqa: E402
+from prunekit.models import adapter_for, decoder_layers, layer_linears, load_model, load_tokenizer  # noqa: E402
+from prunekit.sensitivity import allocate_measured, allocate_ranked, block_sensitivity  # noqa: E402
+
+log = logging.getLogger("full_protocol")
+
+SENS_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
+SENS_RANKED = {"unit": "block", "grid": SENS_GRID, "at": 0.8, "spread": 0.2, "lo": 0.4, "hi": 0.95}
+SENS_MEASURED = {"unit": "block", "grid": SENS_GRID, "lo": 0.4, "hi": 0.95}
+
+# name -> (method, target, structure, allocator, mode, quant: bits, (bits, groupsize) or None, overrides)
+# allocator uniform/kmeans/owl: prunekit.schedule.allocate, overrides go to ScheduleParams.
+# allocator ranked/measured: prunekit.sensitivity on output-level curves measured on the first
+# --sens-windows calibration windows; overrides: unit, grid, lo, hi (+ at, spread for ranked).
+CONFIGS = {
+    "dense": None,
+    "gptq4": ("none", 0.0, "unstructured", "uniform", "sequential", 4, {}),
+    "sgpt50": ("sparsegpt", 0.5, "unstructured", "uniform", "sequential", None, {}),
+    "sgpt70": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential", None, {}),
+    "sgpt80": ("sparsegpt", 0.8, "unstructured", "uniform", "sequential", None, {}),
+    "sgpt24": ("sparsegpt", 0.5, "2:4", "uniform", "sequential", None, {}),
+    "sgpt70par": ("sparsegpt", 0.7, "unstructured", "uniform", "parallel", None, {}),
+    "sgpt70+q4": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential", 4, {}),
+    "gptq4g128": ("none", 0.0, "unstructured", "uniform", "sequential", (4, 128), {}),
+    "sgpt70+q4g128": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential", (4, 128), {}),
+    "wanda70": ("wanda", 0.7, "unstructured", "uniform", "sequential", None, {}),
+    "owl70": ("sparsegpt", 0.7, "unstructured", "owl", "sequential", None, {}),
+    "kmeans70": ("sparsegpt", 0.7, "unstructured", "kmeans", "sequential", None, {"k": 3, "spread": 0.05}),
+    "ranked70": ("sparsegpt", 0.7, "unstructured", "ranked", "sequential", None, SENS_RANKED),
+    "ranked80": ("sparsegpt", 0.8, "unstructured", "ranked", "sequential", None, SENS_RANKED),
+    "measured70": ("sparsegpt", 0.7, "unstructured", "measured", "sequential", None, SENS_MEASURED),
+    "measured70h": ("sparsegpt", 0.7, "unstructured", "measured", "sequential", None, {**SENS_MEASURED, "unit": "half"}),
+    "measured80": ("sparsegpt", 0.8, "unstructured", "measured", "sequential", None, SENS_MEASURED),
+}
+SENSITIVITY_ALLOCATORS = ("ranked", "measured")
+
+
+def prepare(args) -> None:
+    tokenizer = load_tokenizer(args.source)
+    bos = bos_id(tokenizer)
+    calib = calibration_windows(tokenize(load_text("c4", (1000, 2000)), tokenizer), args.nsamples, args.seqlen, 0, bos)
+    evals = {name: eval_windows(tokenize(load_text(name), tokenizer), args.seqlen, bos) for name in ("wikitext2", "c4")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"calib": calib.to(torch.int32), **{k: v.to(torch.int32) for k, v in evals.items()},
+                "seqlen": args.seqlen, "bos": bos}, args.out)
+    print(f"saved {args.out}: calib {tuple(calib.shape)}, " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in evals.items()))
+
+
+def dense_hessians(model, adapter, windows, device) -> dict[int, dict[str, torch.Tensor]]:
+    runner = LayerwiseRunner(model, adapter, windows, device)
+    return {i: {k: a.H for k, a in runner.hessians(i, advance=True).items()} for i in range(len(runner))}
+
+
+def estimates(model, adapter, hessians, grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)):
+    import pandas as pd
+
+    rows = []
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        weights = {n: lin.weight.data for n, lin in layer_linears(layer, adapter).items()}
+        rows += estimate_layer(i, weights, adapter.groups, hessians[i], grid, 0.01, 5.0)
+    return pd.DataFrame(rows)
+
+
+def sensitivity_curves(model, adapter, calib, hessians, overrides, args, device, cache: dict):
+    """Curves for (unit, grid): from this run's cache, else from a CSV next to --out written by
+    an earlier run with the same calibration, else measured (and saved). Returns (curves, seconds)."""
+    import pandas as pd
+
+    unit, grid = overrides["unit"], tuple(overrides["grid"])
+    if (unit, grid) in cache:
+        return cache[unit, grid], 0.0
+    out = Path(args.out)
+    csv = out.with_name(f"{out.stem}.sens-{unit}-n{len(calib)}-w{args.sens_windows}.csv")
+    t = time.time()
+    curves = pd.read_csv(csv) if csv.exists() else None
+    if curves is not None and set(curves["sparsity"]) == set(grid):
+        log.info("sensitivity (%s) reused from %s", unit, csv)
+    else:
+        curves = block_sensitivity(model, adapter, calib[: args.sens_windows], hessians, grid, unit=unit, device=device)
+        curves.to_csv(csv, index=False)
+        log.info("sensitivity (%s) on %d windows measured in %.1f s, saved to %s",
+                 unit, args.sens_windows, time.time() - t, csv)
+    cache[unit, grid] = curves
+    return curves, time.time() - t
+
+
+def sensitivity_sparsity(curves, allocator, target, overrides) -> dict[str, float]:
+    if allocator == "ranked":
+        return allocate_ranked(curves, target, overrides["spread"], overrides["at"], overrides["lo"], overrides["hi"])
+    return allocate_measured(curves, target, overrides["lo"], overrides["hi"])
+
+
+class _DenseStore:
+    """The in-memory dense Hessians, read like the zarr store (parallel mode)."""
+
+    def __init__(self, hessians):
+        self.hessians = hessians
+
+    def read_layer(self, i, device):
+        return {k: (h.to(device), 0) for k, h in self.hessians[i].items()}
+
+
+def run(args) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = torch.load(args.tokens)
+    calib = data["calib"].long()
+    if args.nsamples:
+        calib = calib[: args.nsamples]
+    evals = {k: data[k].long()[: args.max_windows] for k in ("wikitext2", "c4")}
+    t0 = time.time()
+    model = load_model(args.model, device=device)
+    adapter = adapter_for(model)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    log.info("loaded %s in %.1f s on %s", args.model, time.time() - t0, device)
+    hessians = est = None
+    sens_cache: dict = {}
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    for name in args.configs.split(","):
+        model.load_state_dict(dense_state)
+        t = time.time()
+        spec = CONFIGS[name]
+        info: dict = {"config": name}
+        if spec is not None:
+            method, target, structure, allocator, mode, bits, overrides = spec
+            if method != "none":
+                keys = [f"{i}.{n}" for i in range(len(decoder_layers(model, adapter))) for n in adapter.linears]
+                if (allocator != "uniform" or mode == "parallel") and hessians is None:
+                    hessians = dense_hessians(model, adapter, calib, device)
+                if allocator in ("kmeans", "owl") and est is None:
+                    est = estimates(model, adapter, hessians)
+                if allocator == "uniform":
+                    sparsity = dict.fromkeys(keys, target)
+                elif allocator in SENSITIVITY_ALLOCATORS:
+                    curves, info["sensitivity_s"] = sensitivity_curves(model, adapter, calib, hessians, overrides,
+                                                                       args, device, sens_cache)
+                    sparsity = sensitivity_sparsity(curves, allocator, target, overrides)
+                    info["unit_sparsity"] = {u: round(sparsity[f"{layer}.{linears.split(',')[0]}"], 4)
+                                             for u, layer, linears in curves.drop_duplicates("unit")[
+                                                 ["unit", "layer", "linears"]].itertuples(index=False)}
+                    log.info("%s allocation: %s", name, info["unit_sparsity"])
+                else:
+                    from prunekit.schedule import allocate
+
+                    table = allocate(est, target, ScheduleParams(allocator=allocator, **overrides))
+                    sparsity = dict(zip(table["key"], table["sparsity"]))
+                params = PruneParams(method=method, sparsity=target, structure=structure, mode=mode)
+                if mode == "sequential":
+                    stats = prune_model(model, adapter, sparsity, params,
+                                        runner=LayerwiseRunner(model, adapter, calib, device))
+                else:
+                    stats = prune_model(model, adapter, sparsity, params, store=_DenseStore(hessians))
+                n = sum(s["params"] for s in stats.values())
+                info["sparsity"] = sum(s["sparsity"] * s["params"] for s in stats.values()) / n
+            if bits:
+                bits, groupsize = bits if isinstance(bits, tuple) else (bits, None)
+                quantize_model(model, adapter, LayerwiseRunner(model, adapter, calib, device),
+                               QuantizeParams(bits=bits, groupsize=groupsize))
+                info["bits"], info["groupsize"] = bits, groupsize
+        info["compress_s"] = time.time() - t
+        for dataset, windows in evals.items():
+            info[dataset] = perplexity(model, windows, batch_size=args.batch_size, desc=dataset)["ppl"]
+        info["total_s"] = time.time() - t
+        results[name] = info
+        log.info("%s", json.dumps(info))
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    for name, info in results.items():
+        print(f"{name:12s} wikitext2 {info['wikitext2']:9.2f}  c4 {info['c4']:9.2f}  "
+              f"sparsity {info.get('sparsity', 0):.4f}  {info['total_s']:.0f} s")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--source", default="embedded:gemma3-270m")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--out", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="embedded:gemma3-270m")
+    r.add_argument("--tokens", required=True)
+    r.add_argument("--configs", default="dense,sgpt70")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--nsamples", type=int, default=None, help="use only the first n calibration windows")
+    r.add_argument("--max-windows", type=int, default=None, help="evaluate only the first n windows")
+    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--sens-windows", type=int, default=16,
+                   help="calibration windows on which ranked/measured configs measure sensitivity")
+    r.add_argument("--out", default="full_protocol.json")
+    args = parser.parse_args()
+    prepare(args) if args.cmd == "prepare" else run(args)
+
+
+if __name__ == "__main__":
+    main()
