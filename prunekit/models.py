@@ -31,11 +31,14 @@ class Adapter:
     layers: dotted path from the CausalLM module to the ModuleList of decoder layers.
     groups: per shared input, the linears (paths relative to a layer) that read it, in the
         order the layer executes them.
+    final: modules between the last decoder layer and the LM head (final norm, projections),
+        paths from the CausalLM; one that a checkpoint lacks (OPT's project_out) is skipped.
     tuple_output: the decoder layer returns a tuple whose first item is the hidden state.
     """
 
     layers: str
     groups: tuple[tuple[str, ...], ...]
+    final: tuple[str, ...] = ("model.norm",)
     tuple_output: bool = False
 
     @property
@@ -67,6 +70,7 @@ ADAPTERS: dict[str, Adapter] = {
             ("fc1",),
             ("fc2",),
         ),
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
     "bloom": Adapter(
         layers="transformer.h",
@@ -76,6 +80,7 @@ ADAPTERS: dict[str, Adapter] = {
             ("mlp.dense_h_to_4h",),
             ("mlp.dense_4h_to_h",),
         ),
+        final=("transformer.ln_f",),
         tuple_output=True,
     ),
     "llama": _LLAMA_LIKE,

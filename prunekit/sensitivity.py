@@ -36,34 +36,20 @@ from tqdm.auto import tqdm
 from . import kernels
 from .config import ConfigError
 from .layerwise import LayerwiseRunner
-from .models import Adapter
+from .models import Adapter, adapter_for
 from .schedule import match_budget
 
 log = logging.getLogger(__name__)
 
 UNITS = ("block", "half")
 
-# Modules between the last decoder layer and the LM head, as paths from the CausalLM; a path
-# whose module is None in a given checkpoint (OPT without project_out) is skipped.
-_FINAL_MODULES: dict[str, tuple[str, ...]] = {
-    "opt": ("model.decoder.final_layer_norm", "model.decoder.project_out"),
-    "bloom": ("transformer.ln_f",),
-    "llama": ("model.norm",),
-    "mistral": ("model.norm",),
-    "qwen2": ("model.norm",),
-    "gemma3_text": ("model.norm",),
-}
-
 
 class OutputHead:
     """Final norm(s) + LM head (+ logit soft-capping): summed NLL of next tokens from hidden states."""
 
     def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
-        model_type = model.config.model_type
-        if model_type not in _FINAL_MODULES:
-            raise ConfigError(f"no output head known for architecture {model_type!r}")
         self.norms: list[nn.Module] = []
-        for path in _FINAL_MODULES[model_type]:
+        for path in adapter_for(model).final:
             module = model
             for part in path.split("."):
                 module = getattr(module, part, None)
