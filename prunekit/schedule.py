@@ -43,7 +43,7 @@ def _units(estimates: pd.DataFrame, unit: str) -> pd.Series:
     return keys if unit == "block" else keys + "." + estimates["linear"]
 
 
-def _loss_at(estimates: pd.DataFrame, target: float, unit: str, normalise: str) -> pd.DataFrame:
+def unit_log_loss(estimates: pd.DataFrame, target: float, unit: str, normalise: str) -> pd.DataFrame:
     """Per unit: parameter count and estimated loss at `target` (log-linear interpolation)."""
     df = estimates.assign(unit=_units(estimates, unit))
     per_unit = df.groupby(["unit", "sparsity"], sort=False).agg(loss=("loss", "sum"), params=("params", "sum")).reset_index()
@@ -77,7 +77,7 @@ def allocate(estimates: pd.DataFrame, target: float, params: ScheduleParams) -> 
         unit_sparsity = {u: target for u in linears["unit"]}
         clusters = {u: 0 for u in linears["unit"]}
     elif params.allocator == "kmeans":
-        per_unit = _loss_at(estimates, target, params.unit, params.normalise)
+        per_unit = unit_log_loss(estimates, target, params.unit, params.normalise)
         offsets, rank = _kmeans_offsets(per_unit["log_loss"].to_numpy(), params.k, params.spread, params.seed)
         unit_sparsity = dict(zip(per_unit["unit"], target + offsets))
         clusters = dict(zip(per_unit["unit"], rank.tolist()))

@@ -7,7 +7,7 @@ import pandas as pd
 from prunekit import plots
 from prunekit.artifacts import write_atomic, write_json
 from prunekit.config import ConfigError, Params
-from prunekit.schedule import allocate
+from prunekit.schedule import allocate, unit_log_loss
 from stages.common import Paths, main
 
 
@@ -33,9 +33,8 @@ def run(params: Params, step) -> None:
         "cluster": dict(zip(table["key"], table["cluster"].astype(int).tolist())),
     })
     write_atomic(paths.reports / "schedule.csv", table.to_csv(index=False))
-    at_target = estimates[np.isclose(estimates["sparsity"], estimates["sparsity"].unique()[
-        np.abs(estimates["sparsity"].unique() - target).argmin()])]
-    log_loss = np.log(at_target.groupby("layer")["loss"].sum().clip(lower=1e-30))
+    blocks = unit_log_loss(estimates, target, "block", "none")
+    log_loss = pd.Series(blocks["log_loss"].to_numpy(), index=blocks["unit"].astype(int))
     plots.schedule(table, log_loss, target, paths.reports / "plots" / "schedule.png")
 
 
