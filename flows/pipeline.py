@@ -6,30 +6,90 @@ whole pipeline runs as one flow of stage subflows.
 
 The library's layer loops call `step(fn, *args)` for every per-layer unit of work; here that
 step becomes a Prefect task named after the function, so runs show one task per layer with its
-state, timing and logs.
+state, timing and logs. Work the library submits with `step.submit(fn, *args)` (calibration
+shards of a layer's Hessians, independent layers in parallel pruning) goes to the stage flow's
+task runner, chosen by `runtime.task_runner`:
+
+    threads    Prefect's ThreadPoolTaskRunner (default; torch releases the GIL in its kernels)
+    processes  Prefect's ProcessPoolTaskRunner with `runtime.workers` processes
+    dask       prefect-dask's DaskTaskRunner: a LocalCluster of `runtime.workers` single-thread
+               worker processes, or the existing scheduler at `runtime.dask_address`
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
+from prefect.states import Failed, State
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from prunekit.config import ConfigError, Params, load_params
+from prunekit.config import ConfigError, Params, RuntimeParams, load_params
 from prunekit.hessian_store import StoreError
 
-STAGES = ("prepare_model", "calibrate", "hessians", "estimate", "schedule", "prune", "quantize", "evaluate", "report")
+STAGES = ("prepare_model", "calibrate", "hessians", "estimate", "sensitivity", "schedule", "prune", "quantize", "export",
+          "evaluate", "report")
 
 
-def prefect_step(fn: Callable, *args, **kwargs):
-    """Run one per-layer unit of work as a Prefect task (not cached: inputs are live tensors)."""
-    name = fn.__name__.strip("_")
-    layer = next((a for a in args if isinstance(a, int) and not isinstance(a, bool)), None)
-    run_name = f"{name}-{layer}" if layer is not None else name
-    return task(fn, name=name, task_run_name=run_name, cache_policy=NO_CACHE, persist_result=False)(*args, **kwargs)
+def _refusing(fn: Callable) -> Callable:
+    """fn, with bad input (ConfigError, StoreError) ending its task run as Failed with the
+    one-line reason — no traceback in the logs — and raised again from `.result()`/the call."""
+
+    @functools.wraps(fn)
+    def unit(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, StoreError) as exc:
+            return Failed(message=str(exc), data=exc)
+
+    return unit
+
+
+class PrefectStep:
+    """The `step` the library's loops get: each unit of work becomes a Prefect task named after
+    the function and its layer (not cached: inputs are live tensors).
+
+    `step(fn, *args)` runs the task here and returns its result; `step.submit(fn, *args)` hands
+    it to the flow's task runner and returns a Prefect future (futures among the arguments are
+    resolved where the task runs — on a Dask worker, without passing through this process).
+    """
+
+    @staticmethod
+    def _task(fn: Callable, args: tuple):
+        name = fn.__name__.strip("_")
+        layer = next((a for a in args if isinstance(a, int) and not isinstance(a, bool)), None)
+        run_name = f"{name}-{layer}" if layer is not None else name
+        return task(_refusing(fn), name=name, task_run_name=run_name, cache_policy=NO_CACHE, persist_result=False)
+
+    def __call__(self, fn: Callable, *args, **kwargs):
+        result = self._task(fn, args)(*args, **kwargs)
+        if isinstance(result, State) and result.is_failed():  # a refusal: raise it here
+            result.result()
+        return result
+
+    def submit(self, fn: Callable, *args, **kwargs):
+        return self._task(fn, args).submit(*args, **kwargs)
+
+
+prefect_step = PrefectStep()
+
+
+def task_runner(runtime: RuntimeParams) -> TaskRunner:
+    """The task runner `runtime.task_runner` names (see the module docstring)."""
+    if runtime.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=runtime.workers)
+    if runtime.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=runtime.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if runtime.dask_address is not None:
+        return DaskTaskRunner(address=runtime.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": runtime.workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None, "silence_logs": logging.ERROR})
 
 
 def run_stage(name: str, run: Callable[..., None], params: Params, *args: str) -> None:
@@ -50,7 +110,8 @@ def run_stage(name: str, run: Callable[..., None], params: Params, *args: str) -
 
     stage.__name__ = name
     state = flow(stage, name="@".join((name, *args)), log_prints=True, persist_result=False,
-                 validate_parameters=False)(params, prefect_step, *args, return_state=True)
+                 validate_parameters=False, task_runner=task_runner(params.runtime))(
+        params, prefect_step, *args, return_state=True)
     if refused:
         raise refused[0]
     state.result()

@@ -51,6 +51,23 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(tmp: str | Path, out_dir: str | Path) -> None:
+    """Move a finished folder `tmp` to `out_dir` so that `out_dir` is never partial.
+
+    The old folder is renamed aside first (deleting it in place could be cut short by a kill and
+    leave a partial folder that looks finished); in between `out_dir` is absent, never partial.
+    """
+    import shutil
+
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -66,8 +66,40 @@ class EstimateParams(_Section):
         return tuple(sorted(v))
 
 
+class SensitivityParams(_Section):
+    """Measured output sensitivity of every decoder block (prunekit.sensitivity): Δ calibration
+    NLL with that block alone pruned to each grid sparsity. Read by the 'ranked' allocator and
+    by the search's ranked start."""
+
+    grid: tuple[float, ...] = (0.8,)
+    windows: int = Field(4, ge=1)      # calibration windows scored (full protocol: 16)
+
+    @field_validator("grid")
+    @classmethod
+    def _in_unit_interval(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < p < 1 for p in v):
+            raise ValueError("every grid sparsity must lie in (0, 1)")
+        return tuple(sorted(v))
+
+
+class SearchParams(_Section):
+    """Evolutionary search of per-unit sparsity levels scored by calibration NLL (prunekit.search)."""
+
+    generations: int = Field(6, ge=0)
+    offspring: int = Field(6, ge=1)
+    survivors: int = Field(2, ge=1)
+    max_mutations: int = Field(3, ge=1)
+    fit_windows: int = Field(4, ge=1)     # calibration windows scoring a schedule
+    screen_windows: int = Field(1, ge=1)  # of those, the ones that screen the children
+    step: float = Field(0.05, gt=0, lt=1)  # levels: target ± k·step ...
+    span: float = Field(0.1, gt=0, lt=1)  # ... within target ± span and the schedule's bounds
+    unit: Literal["block", "linear"] = "linear"
+    database: Literal["dense", "sequential"] = "sequential"
+    init: Literal["uniform", "ranked"] = "uniform"
+
+
 class ScheduleParams(_Section):
-    allocator: Literal["uniform", "kmeans", "owl"] = "kmeans"
+    allocator: Literal["uniform", "kmeans", "owl", "ranked", "search"] = "kmeans"
     unit: Literal["block", "linear"] = "block"
     k: int = Field(3, ge=1)
     spread: float = Field(0.05, ge=0, lt=1)
@@ -76,6 +108,9 @@ class ScheduleParams(_Section):
     max_sparsity: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     owl_lambda: float = Field(0.08, ge=0, lt=1)
+    rank_at: float = Field(0.8, gt=0, lt=1)      # ranked: order blocks by measured Δ at this sparsity
+    rank_spread: float = Field(0.2, ge=0, lt=1)  # ranked: least sensitive +spread ... most sensitive −spread
+    search: SearchParams = SearchParams()
 
 
 class PruneParams(_Section):
@@ -131,6 +166,29 @@ class EvaluateParams(_Section):
 
 class RuntimeParams(_Section):
     device: str = "auto"
+    # Read one decoder layer at a time from the safetensors files (prunekit/streaming.py) in
+    # the hessians, prune and quantize stages: for models larger than memory; same results.
+    stream: bool = False
+    # Where submitted per-layer/per-shard tasks run: Prefect's thread pool, its process pool,
+    # or Dask (a LocalCluster of `workers` processes, or the scheduler at `dask_address`).
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+    # Calibration shards per layer for Hessian accumulation (map-reduce); None: 1 with threads,
+    # `workers` otherwise. Results equal one shard up to fp rounding.
+    hessian_shards: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _runner(self) -> "RuntimeParams":
+        if self.dask_address is not None and self.task_runner != "dask":
+            raise ValueError("runtime.dask_address needs runtime.task_runner 'dask'")
+        return self
+
+    @property
+    def shards(self) -> int:
+        if self.hessian_shards is not None:
+            return self.hessian_shards
+        return 1 if self.task_runner == "threads" else self.workers
 
 
 class Params(_Section):
@@ -138,6 +196,7 @@ class Params(_Section):
     calibration: CalibrationParams = CalibrationParams()
     hessians: HessianParams = HessianParams()
     estimate: EstimateParams = EstimateParams()
+    sensitivity: SensitivityParams = SensitivityParams()
     schedule: ScheduleParams = ScheduleParams()
     prune: PruneParams = PruneParams()
     quantize: QuantizeParams = QuantizeParams()
@@ -150,6 +209,9 @@ class Params(_Section):
         if m and abs(self.prune.sparsity - n / m) > 1e-9:
             raise ValueError(f"prune.structure {n}:{m} means prune.sparsity {n / m:g}, got {self.prune.sparsity}")
         s = self.schedule
+        if s.rank_at > max(self.sensitivity.grid):
+            raise ValueError(f"schedule.rank_at {s.rank_at} lies beyond the measured sensitivity.grid "
+                             f"(largest {max(self.sensitivity.grid)})")
         if s.min_sparsity > s.max_sparsity:
             raise ValueError("schedule.min_sparsity must not exceed schedule.max_sparsity")
         if self.prune.structure == "unstructured" and s.allocator != "uniform":
@@ -168,8 +230,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"parameter file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # its str() spans lines; the error must be one
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -130,6 +130,11 @@ def read_calibration(path) -> tuple[torch.Tensor, dict]:
 
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[b"prunekit"])
-    return torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long), meta
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"prunekit"])
+        windows = torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's errors derive from these
+        raise ConfigError(f"{path} is not a calibration file written by the calibrate stage "
+                          f"({type(exc).__name__}); rerun the calibrate stage") from None
+    return windows, meta

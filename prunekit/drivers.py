@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,10 +18,12 @@ from tqdm.auto import tqdm
 from . import kernels
 from .config import PruneParams, QuantizeParams
 from .layerwise import LayerwiseRunner
+from .mapreduce import submit
 from .models import Adapter, decoder_layers
 
 if TYPE_CHECKING:  # the store (zarr) is needed only by the stages that read or write it
     from .hessian_store import HessianStore
+    from .streaming import LayerStream
 
 log = logging.getLogger(__name__)
 Step = Callable[..., Any]
@@ -30,7 +33,14 @@ def call(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def collect_hessians(runner: LayerwiseRunner, store: HessianStore, dtype: torch.dtype, step: Step = call) -> None:
+def _loaded(stream: LayerStream | None, i: int) -> AbstractContextManager:
+    """Layer i's weights read from disk for the body, written out and freed after it
+    (`streaming.LayerStream`); nothing to do for a model held in memory."""
+    return nullcontext() if stream is None else stream.layer(i)
+
+
+def collect_hessians(runner: LayerwiseRunner, store: HessianStore, dtype: torch.dtype, step: Step = call,
+                     stream: LayerStream | None = None) -> None:
     """Dense Hessians of every layer into the store, layer by layer.
 
     Layers already complete in the store (from an interrupted run) are only run forward to
@@ -38,10 +48,11 @@ def collect_hessians(runner: LayerwiseRunner, store: HessianStore, dtype: torch.
     """
     adapter = runner.adapter
     for i in tqdm(range(len(runner)), desc="hessians", unit="layer"):
-        if store.has_layer(i):
-            runner.advance(i)
-            continue
-        step(_hessian_layer, runner, store, i, dtype, adapter)
+        with _loaded(stream, i):
+            if store.has_layer(i):
+                runner.advance(i)
+                continue
+            step(_hessian_layer, runner, store, i, dtype, adapter)
 
 
 def _hessian_layer(runner: LayerwiseRunner, store: HessianStore, i: int, dtype: torch.dtype, adapter: Adapter) -> None:
@@ -86,8 +97,9 @@ def prune_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dict[s
 
 def prune_model(model: nn.Module, adapter: Adapter, sparsity: dict[str, float], params: PruneParams, *,
                 runner: LayerwiseRunner | None = None, store: HessianStore | None = None,
-                hessian_dtype: torch.dtype = torch.float32, step: Step = call) -> dict[str, dict]:
-    """Prune the whole model layer by layer.
+                hessian_dtype: torch.dtype = torch.float32, step: Step = call,
+                stream: LayerStream | None = None) -> dict[str, dict]:
+    """Prune the whole model layer by layer (one layer in memory at a time with `stream`).
 
     Sequential mode (runner given): layer l's Hessians come from inputs produced by the already
     pruned layers < l. Parallel mode (store given): every layer uses the cached dense Hessians.
@@ -96,21 +108,54 @@ def prune_model(model: nn.Module, adapter: Adapter, sparsity: dict[str, float], 
         raise ValueError("give exactly one of runner (sequential) or store (parallel)")
     stats: dict[str, dict] = {}
     layers = decoder_layers(model, adapter)
-    device = next(model.parameters()).device
+    if store is not None and stream is not None:
+        for i in tqdm(range(len(layers)), desc=f"prune ({params.mode}, streamed)", unit="layer"):
+            with stream.layer(i) as layer:
+                layer_stats, weights = step(prune_stored_layer, layer, i, adapter, store, sparsity, params)
+                for name, weight in weights.items():
+                    layer.get_submodule(name).weight.data = weight
+            stats.update(layer_stats)
+        return stats
+    if store is not None:
+        # Layers are independent given the dense Hessians: submit them all (a Dask or process
+        # runner spreads them over workers, each reading its layer from the store) and put the
+        # pruned weights back in order.
+        futures = [submit(step, prune_stored_layer, layers[i], i, adapter, store, sparsity, params)
+                   for i in range(len(layers))]
+        for layer, future in zip(layers, tqdm(futures, desc=f"prune ({params.mode})", unit="layer")):
+            layer_stats, weights = future.result()
+            for name, weight in weights.items():
+                layer.get_submodule(name).weight.data = weight
+            stats.update(layer_stats)
+        return stats
     for i in tqdm(range(len(layers)), desc=f"prune ({params.mode})", unit="layer"):
-        if runner is not None:
+        with _loaded(stream, i):
             hessians = {k: a.H for k, a in step(runner.hessians, i, hessian_dtype).items()}
-        else:
-            hessians = {k: h for k, (h, _) in store.read_layer(i, device).items()}
-        stats.update(step(prune_layer, layers[i], i, adapter, hessians, sparsity, params))
-        if runner is not None:
+            stats.update(step(prune_layer, layers[i], i, adapter, hessians, sparsity, params))
             runner.advance(i)
     return stats
 
 
+def prune_stored_layer(layer: nn.Module, index: int, adapter: Adapter, store: HessianStore,
+                       sparsity: dict[str, float], params: PruneParams) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Parallel mode's unit of work: read layer `index`'s dense Hessians, prune the layer.
+
+    Returns (per-linear stats, {linear: pruned weight}); the weights travel back because a
+    worker prunes its own copy of the layer.
+    """
+    device = next(layer.parameters()).device
+    hessians = {k: h for k, (h, _) in store.read_layer(index, device).items()}
+    stats = prune_layer(layer, index, adapter, hessians, sparsity, params)
+    return stats, {name: layer.get_submodule(name).weight.data for name in adapter.linears}
+
+
 def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dict[str, torch.Tensor],
                    params: QuantizeParams) -> dict[str, dict]:
-    """GPTQ on every linear of one layer in place; exact zeros (pruned weights) stay zero."""
+    """GPTQ on every linear of one layer in place; exact zeros (pruned weights) stay zero.
+
+    Each linear's stats also carry its grid, 'scales' and 'zeros' ((d_out, n_groups) fp32 on the
+    CPU), which quantize_model hands over separately so that an export can store integer codes.
+    """
     spec = kernels.QuantSpec(bits=params.bits, sym=params.sym, groupsize=params.groupsize, act_order=params.act_order)
     stats = {}
     for group in adapter.groups:
@@ -123,17 +168,30 @@ def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dic
             stats[f"{index}.{name}"] = {
                 "sparsity": float((result.weight == 0).float().mean()),
                 "loss": float(result.loss),
+                "scales": result.scales.cpu(),
+                "zeros": result.zeros.cpu(),
             }
     return stats
 
 
 def quantize_model(model: nn.Module, adapter: Adapter, runner: LayerwiseRunner, params: QuantizeParams, *,
-                   hessian_dtype: torch.dtype = torch.float32, step: Step = call) -> dict[str, dict]:
-    """Sequential GPTQ over all layers (Hessians from the already-quantized prefix)."""
+                   hessian_dtype: torch.dtype = torch.float32, step: Step = call,
+                   grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   stream: LayerStream | None = None) -> dict[str, dict]:
+    """Sequential GPTQ over all layers (Hessians from the already-quantized prefix).
+
+    grids: when given, filled with {'<layer>.<linear>': (scales, zeros)}, the grid of every
+    linear (code of W_ij in group g: round(W_ij / scales[i, g]) + zeros[i, g]).
+    """
     stats: dict[str, dict] = {}
     layers = decoder_layers(model, adapter)
     for i in tqdm(range(len(layers)), desc="quantize", unit="layer"):
-        hessians = {k: a.H for k, a in step(runner.hessians, i, hessian_dtype).items()}
-        stats.update(step(quantize_layer, layers[i], i, adapter, hessians, params))
-        runner.advance(i)
+        with _loaded(stream, i):
+            hessians = {k: a.H for k, a in step(runner.hessians, i, hessian_dtype).items()}
+            for key, s in step(quantize_layer, layers[i], i, adapter, hessians, params).items():
+                grid = (s.pop("scales"), s.pop("zeros"))
+                if grids is not None:
+                    grids[key] = grid
+                stats[key] = s
+            runner.advance(i)
     return stats

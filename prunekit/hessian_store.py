@@ -11,14 +11,19 @@ Layout::
 A layer counts as stored only once its `complete` attribute is written, after all its arrays:
 a run killed mid-layer leaves that layer to be recomputed and keeps every finished one.
 The fingerprints are the cache key: a store made from another model or calibration set is
-refused by readers and wiped by the writer, never silently reused.
+refused by readers and wiped by the writer, never silently reused. Every array's sha256 is
+checked on read, and by the writer before it keeps a finished layer on resume, so a corrupted
+or truncated shard is recomputed by a rerun instead of trusted.
+
+The location is a local path or an fsspec URL (`s3://bucket/h.zarr`, `gs://…`, `memory://…`;
+the matching fsspec package, e.g. s3fs or gcsfs, must be installed), so Dask workers on other
+machines can read the same store.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,7 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+RECOMPUTE = "`dvc repro -f hessians` (or `python -m stages.hessians`)"
 
 
 class StoreError(RuntimeError):
@@ -39,46 +45,115 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def _not_a_hessian(H: np.ndarray) -> str | None:
+    """Why H = (2/N) XᵀX cannot be this array (cheap O(d²) checks), or None."""
+    if not np.isfinite(H).all():
+        return "holds NaN or inf (activations overflowed, or the store was written wrongly)"
+    diag = np.diagonal(H)
+    if (diag < 0).any():
+        return f"is not positive semi-definite (negative diagonal at input {int(np.argmin(diag))})"
+    if np.abs(H - H.T).max() > 1e-3 * max(float(diag.max()), 1e-30):
+        return "is not symmetric"
+    return None
+
+
+def _location(path: str | Path) -> str:
+    """A local path (also from a file:// URL) or a remote fsspec URL, as a string."""
+    path = str(path)
+    return path.removeprefix("file://") if path.startswith("file://") else path
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+def _exists(location: str) -> bool:
+    if not _is_url(location):
+        return Path(location).exists()
+    import fsspec
+
+    fs, root = fsspec.url_to_fs(location)
+    return fs.exists(root)
+
+
+def _remove(location: str) -> None:
+    if not _is_url(location):
+        import shutil
+
+        shutil.rmtree(location)
+        return
+    import fsspec
+
+    fs, root = fsspec.url_to_fs(location)
+    fs.rm(root, recursive=True)
+
+
+def _join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}"
+
+
 class HessianStore:
-    def __init__(self, path: str | Path, root: zarr.Group):
-        self.path, self.root = Path(path), root
+    """Open with `open_for_writing` (the hessians stage) or `open_for_reading` (its readers).
+
+    Example::
+
+        >>> store = HessianStore.open_for_writing("memory://doc/h.zarr", "m", "c", n_layers=1, dtype="float32")
+        >>> store.write_layer(0, {"q": (torch.eye(4), 16)}, {"q": ["q", "k", "v"]})
+        >>> H, n = HessianStore.open_for_reading("memory://doc/h.zarr", "m", "c").read_layer(0)["q"]
+        >>> n, torch.equal(H, torch.eye(4))
+        (16, True)
+    """
+
+    def __init__(self, path: str | Path, root: zarr.Group, verify_finished: bool = False):
+        self.location = _location(path)
+        self.path = self.location if _is_url(self.location) else Path(self.location)
+        self.root, self.verify_finished = root, verify_finished
+
+    def __reduce__(self):
+        # Workers reopen the store by its location instead of pickling zarr internals.
+        return _reopen, (self.location,)
 
     @classmethod
     def open_for_writing(cls, path: str | Path, model_fp: str, calib_fp: str, n_layers: int, dtype: str) -> "HessianStore":
         """Open (or create) a store for these fingerprints, wiping one made from other inputs."""
-        path = Path(path)
+        location = _location(path)
         key = {"model_fingerprint": model_fp, "calib_fingerprint": calib_fp, "dtype": dtype}
-        if path.exists():
+        if _exists(location):
             try:
-                attrs = dict(zarr.open_group(path, mode="r").attrs)
+                attrs = dict(zarr.open_group(location, mode="r").attrs)
             except Exception:  # unreadable: treat like a foreign store
                 attrs = {}
             if attrs.get("schema_version") == SCHEMA_VERSION and all(attrs.get(k) == v for k, v in key.items()):
-                return cls(path, zarr.open_group(path, mode="r+"))
-            log.warning("hessian store %s was made from other inputs; recomputing it", path)
-            shutil.rmtree(path)
-        root = zarr.open_group(path, mode="w", zarr_format=3)
+                return cls(location, zarr.open_group(location, mode="r+"), verify_finished=True)
+            log.warning("hessian store %s was made from other inputs; recomputing it", location)
+            _remove(location)
+        root = zarr.open_group(location, mode="w", zarr_format=3)
         root.attrs.update({"schema_version": SCHEMA_VERSION, "n_layers": n_layers, **key})
-        return cls(path, root)
+        return cls(location, root)
 
     @classmethod
     def open_for_reading(cls, path: str | Path, model_fp: str, calib_fp: str | None = None) -> "HessianStore":
         """Open a finished store, checking it was made from this model (and calibration)."""
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"hessian store not found: {path} (run the hessians stage first)")
-        root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs)
+        location = _location(path)
+        if not _exists(location):
+            raise ConfigError(f"hessian store not found: {location} (run the hessians stage first)")
+        try:
+            root = zarr.open_group(location, mode="r")
+            attrs = dict(root.attrs)
+        except Exception as exc:
+            raise StoreError(f"{location} is not a readable hessian store ({type(exc).__name__}); "
+                             f"delete it and run {RECOMPUTE}") from None
         if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}")
+            raise StoreError(f"{location}: schema version {attrs.get('schema_version')} != {SCHEMA_VERSION}; "
+                             f"run {RECOMPUTE}")
         if attrs.get("model_fingerprint") != model_fp:
-            raise StoreError(f"{path} was computed for another model; rerun the hessians stage")
+            raise StoreError(f"{location} was computed for another model; run {RECOMPUTE}")
         if calib_fp is not None and attrs.get("calib_fingerprint") != calib_fp:
-            raise StoreError(f"{path} was computed from other calibration data; rerun the hessians stage")
-        store = cls(path, root)
+            raise StoreError(f"{location} was computed from other calibration data; run {RECOMPUTE}")
+        store = cls(location, root)
         missing = [i for i in range(attrs["n_layers"]) if not store.has_layer(i)]
         if missing:
-            raise StoreError(f"{path} is incomplete: layers {missing} missing; rerun the hessians stage")
+            raise StoreError(f"{location} is incomplete: layers {missing} missing; run {RECOMPUTE}")
         return store
 
     @property
@@ -89,9 +164,23 @@ class HessianStore:
     def _group_name(layer: int) -> str:
         return f"layer_{layer:03d}"
 
-    def has_layer(self, layer: int) -> bool:
+    def _complete(self, layer: int) -> bool:
         name = self._group_name(layer)
-        return name in self.root and bool(self.root[name].attrs.get("complete", False))
+        try:
+            return name in self.root and bool(self.root[name].attrs.get("complete", False))
+        except Exception:  # a group whose metadata cannot be read is not finished
+            return False
+
+    def has_layer(self, layer: int) -> bool:
+        """Whether the layer is finished; a writer resuming a run also checks its checksums."""
+        done = self._complete(layer)
+        if done and self.verify_finished:
+            try:
+                self.read_layer(layer)
+            except StoreError as exc:
+                log.warning("recomputing layer %d: %s", layer, exc)
+                return False
+        return done
 
     def write_layer(self, layer: int, hessians: dict[str, tuple[torch.Tensor, int]], linears: dict[str, list[str]]) -> None:
         """Store one layer's Hessians {input key: (H, n_tokens)}; `complete` is written last."""
@@ -111,22 +200,26 @@ class HessianStore:
     def read_layer(self, layer: int, device: str | torch.device = "cpu") -> dict[str, tuple[torch.Tensor, int]]:
         """{input key: (H, n_tokens)} of one layer, each array checked against its checksum."""
         name = self._group_name(layer)
-        if not self.has_layer(layer):
-            raise StoreError(f"{self.path}: layer {layer} is missing or incomplete; rerun the hessians stage")
+        if not self._complete(layer):
+            raise StoreError(f"{self.location}: layer {layer} is missing or incomplete; run {RECOMPUTE}")
         group = self.root[name]
+        fix = f"run {RECOMPUTE} to recompute it (or delete {_join(self.location, name)})"
         out = {}
         for key, expected in group.attrs["sha256"].items():
             try:
                 data = group[key][...]
             except Exception as exc:
-                raise StoreError(
-                    f"{self.path}: layer {layer} array {key} is unreadable ({exc}); "
-                    f"delete {self.path / name} and rerun the hessians stage"
-                ) from None
+                raise StoreError(f"{self.location}: layer {layer} array {key} is unreadable "
+                                 f"({type(exc).__name__}); {fix}") from None
             if _digest(data) != expected:
-                raise StoreError(
-                    f"{self.path}: layer {layer} array {key} fails its checksum; "
-                    f"delete {self.path / name} and rerun the hessians stage"
-                )
+                raise StoreError(f"{self.location}: layer {layer} array {key} fails its checksum "
+                                 f"(corrupted or truncated); {fix}")
+            problem = _not_a_hessian(data)
+            if problem:
+                raise StoreError(f"{self.location}: layer {layer} array {key} {problem}; {fix}")
             out[key] = (torch.from_numpy(data).to(device), int(group.attrs["n_tokens"][key]))
         return out
+
+
+def _reopen(location: str) -> HessianStore:
+    return HessianStore(location, zarr.open_group(location, mode="r"))

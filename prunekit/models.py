@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts import replace_dir
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | N
     tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "prunekit.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     log.info("saved model to %s", out_dir)
 
 

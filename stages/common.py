@@ -22,9 +22,11 @@ class Paths:
     calib: Path
     hessians: Path
     estimates: Path
+    sensitivity: Path
     schedule: Path
     pruned: Path
     compressed: Path
+    export: Path
     reports: Path
 
     @classmethod
@@ -38,14 +40,19 @@ class Paths:
             calib=data / "calib" / f"{m}__{c}.parquet",
             hessians=data / "hessians" / f"{m}__{c}.zarr",
             estimates=data / "estimates" / f"{m}.parquet",
+            sensitivity=data / "sensitivity" / f"{m}__{c}.parquet",
             schedule=data / "schedule" / f"{m}.json",
             pruned=data / "pruned" / m,
             compressed=data / "compressed" / m,
+            export=data / "export" / m,
             reports=root / "reports",
         )
 
     def model_dir(self, which: str) -> Path:
-        return {"dense": self.model, "pruned": self.pruned, "compressed": self.compressed}[which]
+        dirs = {"dense": self.model, "pruned": self.pruned, "compressed": self.compressed}
+        if which not in dirs:
+            raise ConfigError(f"unknown model variant {which!r}; one of {', '.join(dirs)}")
+        return dirs[which]
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -54,6 +61,14 @@ def model_fingerprint(model_dir: Path) -> str:
     if not meta.is_file():
         raise ConfigError(f"{model_dir} is not a prepared model (run the prepare_model stage first)")
     return read_json(meta)["fingerprint"]
+
+
+def read_artifact(path: Path, stage: str) -> dict:
+    """A JSON artifact another stage wrote; unreadable or not JSON -> one line naming that stage."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable or not JSON ({type(exc).__name__}); rerun the {stage} stage") from None
 
 
 def require(*paths: Path) -> None:

@@ -4,9 +4,11 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from prunekit.artifacts import read_json, write_json
 from prunekit.config import ConfigError, Params
-from prunekit.data import bos_id
+from prunekit.data import WIKITEXT, bos_id
 from prunekit.evaluate import evaluate_model, protocol
 from prunekit.models import load_model, load_tokenizer, max_positions, pick_device
 from stages.common import Paths, log, main
@@ -15,7 +17,9 @@ VARIANTS = ("dense", "pruned", "compressed")
 
 
 def check(params: Params) -> None:
-    pass
+    for name in params.evaluate.datasets:
+        if name not in (*WIKITEXT, "c4") and not Path(name).is_file():
+            raise ConfigError(f"unknown evaluation dataset {name!r}: use {', '.join(WIKITEXT)}, c4 or a text file path")
 
 
 def needs(paths: Paths, variant: str = "dense") -> list:
@@ -37,6 +41,8 @@ def run(params: Params, step, variant: str = "dense") -> None:
         raise ConfigError(f"evaluate.seqlen {e.seqlen} exceeds the model's limit of {limit} positions")
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), device=pick_device(params.runtime.device))
+    log.info("evaluating the %s model (%s) on %s: %d-token windows, %s", variant, model_dir, ", ".join(e.datasets),
+             e.seqlen, "all windows" if e.max_windows is None else f"at most {e.max_windows} windows")
     results = evaluate_model(model, tokenizer, e.datasets, e.seqlen, e.max_windows, e.batch_size)
     for name, r in results.items():
         log.info("%s %s ppl %.3f over %d tokens", variant, name, r["ppl"], r["tokens"])

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.config import Params
+from prunekit.config import ConfigError, Params
 from prunekit.data import read_calibration
 from prunekit.drivers import collect_hessians
 from prunekit.hessian_store import HessianStore
 from prunekit.layerwise import LayerwiseRunner
+from prunekit.mapreduce import collect_hessians_sharded
 from prunekit.models import adapter_for, decoder_layers, load_model, pick_device
+from prunekit.streaming import LayerStream
 from stages.common import Paths, main, model_fingerprint
 
 
 def check(params: Params) -> None:
-    pass
+    if params.runtime.stream and params.runtime.shards > 1:
+        raise ConfigError("runtime.stream accumulates each layer in one process: set runtime.hessian_shards: 1")
 
 
 def needs(paths: Paths) -> list:
@@ -27,11 +30,19 @@ def run(params: Params, step) -> None:
     paths, device = Paths.of(params), pick_device(params.runtime.device)
     dtype = getattr(torch, params.hessians.dtype)
     windows, calib = read_calibration(paths.calib)
-    model = load_model(str(paths.model), device=device)
-    adapter = adapter_for(model)
+    if params.runtime.stream:  # one decoder layer in memory at a time
+        stream = LayerStream(paths.model, device)
+        model, adapter, runner = stream.model, stream.adapter, stream.runner(windows)
+    else:
+        stream, model = None, load_model(str(paths.model), device=device)
+        adapter = adapter_for(model)
+        runner = LayerwiseRunner(model, adapter, windows, device)
     store = HessianStore.open_for_writing(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"],
                                           len(decoder_layers(model, adapter)), params.hessians.dtype)
-    collect_hessians(LayerwiseRunner(model, adapter, windows, device), store, dtype, step)
+    if params.runtime.shards > 1:  # map-reduce over calibration shards on the task runner
+        collect_hessians_sharded(runner, store, dtype, step, params.runtime.shards)
+    else:
+        collect_hessians(runner, store, dtype, step, stream=stream)
 
 
 if __name__ == "__main__":

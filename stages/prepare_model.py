@@ -3,7 +3,7 @@ as safetensors + config + tokenizer, so later stages load in seconds."""
 from __future__ import annotations
 
 from prunekit.artifacts import state_fingerprint
-from prunekit.config import Params
+from prunekit.config import ConfigError, Params
 from prunekit.models import adapter_for, load_model, load_tokenizer, resolve_source, save_model
 from stages.common import Paths, log, main
 
@@ -22,6 +22,9 @@ def run(params: Params, step) -> None:
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     adapter = adapter_for(model)
+    bad = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:
+        raise ConfigError(f"model {source} has NaN or inf weights in {bad}; refusing to prepare it")
     meta = {"source": source, "fingerprint": state_fingerprint(model), "model_type": model.config.model_type,
             "n_layers": len(model.get_submodule(adapter.layers))}
     save_model(model, tokenizer, Paths.of(params).model, extra=meta)

@@ -1,20 +1,32 @@
 """prune: model + calibration (+ dense Hessians in parallel mode) + schedule -> data/pruned/<model>."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from prunekit.artifacts import read_json, state_fingerprint
-from prunekit.config import Params
+from prunekit.artifacts import state_fingerprint
+from prunekit.config import ConfigError, Params
 from prunekit.data import read_calibration
 from prunekit.drivers import prune_model
 from prunekit.hessian_store import HessianStore
 from prunekit.layerwise import LayerwiseRunner
-from prunekit.models import adapter_for, load_model, load_tokenizer, pick_device, save_model
-from stages.common import Paths, log, main, model_fingerprint
+from prunekit.models import adapter_for, decoder_layers, load_model, load_tokenizer, pick_device, save_model
+from prunekit.streaming import LayerStream
+from stages.common import Paths, log, main, model_fingerprint, read_artifact
 
 
 def check(params: Params) -> None:
     pass
+
+
+def read_schedule(path: Path) -> dict[str, float]:
+    """The schedule stage's {'layer.linear': sparsity}, every value in [0, 1)."""
+    schedule = read_artifact(path, "schedule")
+    sparsity = schedule.get("sparsity") if isinstance(schedule, dict) else None
+    if not isinstance(sparsity, dict) or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in sparsity.values()):
+        raise ConfigError(f"{path} holds no valid 'sparsity' table (values in [0, 1)); rerun the schedule stage")
+    return sparsity
 
 
 def needs(paths: Paths) -> list:
@@ -23,23 +35,36 @@ def needs(paths: Paths) -> list:
 
 def run(params: Params, step) -> None:
     paths, p, device = Paths.of(params), params.prune, pick_device(params.runtime.device)
-    sparsity = read_json(paths.schedule)["sparsity"]
-    model = load_model(str(paths.model), device=device)
-    adapter = adapter_for(model)
+    sparsity = read_schedule(paths.schedule)
+    if params.runtime.stream:  # one decoder layer in memory at a time, written to paths.pruned as it goes
+        stream = LayerStream(paths.model, device, out_dir=paths.pruned)
+        model, adapter = stream.model, stream.adapter
+    else:
+        stream, model = None, load_model(str(paths.model), device=device)
+        adapter = adapter_for(model)
+    missing = [f"{i}.{n}" for i in range(len(decoder_layers(model, adapter))) for n in adapter.linears
+               if f"{i}.{n}" not in sparsity]
+    if missing:
+        raise ConfigError(f"{paths.schedule} has no sparsity for {missing[0]} (+{len(missing) - 1} more): made for "
+                          f"another model? rerun the schedule stage")
     dtype = getattr(torch, params.hessians.dtype)
     if p.mode == "sequential":
         windows, _ = read_calibration(paths.calib)
-        stats = prune_model(model, adapter, sparsity, p, runner=LayerwiseRunner(model, adapter, windows, device),
-                            hessian_dtype=dtype, step=step)
+        runner = stream.runner(windows) if stream is not None else LayerwiseRunner(model, adapter, windows, device)
+        stats = prune_model(model, adapter, sparsity, p, runner=runner, hessian_dtype=dtype, step=step, stream=stream)
     else:
-        store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model))
-        stats = prune_model(model, adapter, sparsity, p, store=store, step=step)
+        store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model),
+                                              read_calibration(paths.calib)[1]["fingerprint"])
+        stats = prune_model(model, adapter, sparsity, p, store=store, step=step, stream=stream)
     overall = sum(s["sparsity"] * s["params"] for s in stats.values()) / sum(s["params"] for s in stats.values())
     log.info("pruned to %.4f overall sparsity of the decoder linears", overall)
-    save_model(model.cpu(), load_tokenizer(str(paths.model)), paths.pruned, extra={
-        "fingerprint": state_fingerprint(model), "dense_fingerprint": model_fingerprint(paths.model),
-        "prune": p.model_dump(mode="json"), "overall_sparsity": overall, "linears": stats,
-    })
+    extra = {"dense_fingerprint": model_fingerprint(paths.model), "prune": p.model_dump(mode="json"),
+             "overall_sparsity": overall, "linears": stats}
+    if stream is not None:
+        stream.save(load_tokenizer(str(paths.model)), extra)  # adds the same "fingerprint", read from the files
+    else:
+        save_model(model.cpu(), load_tokenizer(str(paths.model)), paths.pruned,
+                   extra={"fingerprint": state_fingerprint(model), **extra})
 
 
 if __name__ == "__main__":

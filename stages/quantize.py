@@ -5,13 +5,17 @@ import shutil
 
 import torch
 
-from prunekit.artifacts import read_json, state_fingerprint, write_json
+from prunekit.artifacts import read_json, replace_dir, state_fingerprint, write_json
 from prunekit.config import Params
 from prunekit.data import read_calibration
 from prunekit.drivers import quantize_model
 from prunekit.layerwise import LayerwiseRunner
 from prunekit.models import adapter_for, load_model, load_tokenizer, pick_device, save_model
-from stages.common import Paths, main
+from prunekit.packing import save_grids
+from prunekit.streaming import LayerStream
+from stages.common import Paths, log, main
+
+QPARAMS = "qparams.safetensors"  # GPTQ grid of every decoder linear, next to the model
 
 
 def check(params: Params) -> None:
@@ -26,19 +30,34 @@ def run(params: Params, step) -> None:
     paths, q, device = Paths.of(params), params.quantize, pick_device(params.runtime.device)
     if not q.enabled:
         # The out must exist for DVC; it records that this run has no quantized model.
-        shutil.rmtree(paths.compressed, ignore_errors=True)
-        write_json(paths.compressed / "prunekit.json", {"quantize": q.model_dump(mode="json"), "enabled": False})
+        tmp = paths.compressed.with_name(paths.compressed.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / "prunekit.json", {"quantize": q.model_dump(mode="json"), "enabled": False})
+        replace_dir(tmp, paths.compressed)
         return
     windows, _ = read_calibration(paths.calib)
-    model = load_model(str(paths.pruned), device=device)
-    adapter = adapter_for(model)
-    stats = quantize_model(model, adapter, LayerwiseRunner(model, adapter, windows, device), q,
-                           hessian_dtype=getattr(torch, params.hessians.dtype), step=step)
+    log.info("GPTQ %d-bit (%s) of %s on %d calibration windows, %s", q.bits,
+             f"groups of {q.groupsize}" if q.groupsize else "per channel", paths.pruned, len(windows), device)
+    if params.runtime.stream:  # one decoder layer in memory at a time, written to paths.compressed as it goes
+        stream = LayerStream(paths.pruned, device, out_dir=paths.compressed)
+        model, adapter, runner = stream.model, stream.adapter, stream.runner(windows)
+    else:
+        stream, model = None, load_model(str(paths.pruned), device=device)
+        adapter = adapter_for(model)
+        runner = LayerwiseRunner(model, adapter, windows, device)
+    grids: dict = {}
+    stats = quantize_model(model, adapter, runner, q, hessian_dtype=getattr(torch, params.hessians.dtype), step=step,
+                           grids=grids, stream=stream)
     pruned_meta = read_json(paths.pruned / "prunekit.json")
-    save_model(model.cpu(), load_tokenizer(str(paths.pruned)), paths.compressed, extra={
-        "fingerprint": state_fingerprint(model), "pruned_fingerprint": pruned_meta["fingerprint"],
-        "quantize": q.model_dump(mode="json"), "enabled": True, "linears": stats,
-    })
+    extra = {"pruned_fingerprint": pruned_meta["fingerprint"], "quantize": q.model_dump(mode="json"),
+             "enabled": True, "linears": stats, "qparams": QPARAMS}
+    if stream is not None:
+        stream.save(load_tokenizer(str(paths.pruned)), extra)  # adds the same "fingerprint", read from the files
+    else:
+        save_model(model.cpu(), load_tokenizer(str(paths.pruned)), paths.compressed,
+                   extra={"fingerprint": state_fingerprint(model), **extra})
+    # The grids let the export stage store integer codes that read back to these exact weights.
+    save_grids(paths.compressed / QPARAMS, {f"{adapter.layers}.{key}.weight": g for key, g in grids.items()})
 
 
 if __name__ == "__main__":

@@ -56,3 +56,52 @@ def test_corrupted_array_names_the_layer(tmp_path):
     zarr.open_group(path, mode="r+")["layer_000"]["q"][0, 0] = 123.0
     with pytest.raises(StoreError, match="layer 0 array q fails its checksum"):
         HessianStore.open_for_reading(path, "m1", "c1").read_layer(0)
+
+
+def test_truncated_shard_names_the_layer_and_the_fix(tmp_path):
+    path = tmp_path / "h.zarr"
+    store = HessianStore.open_for_writing(path, "m1", "c1", 2, "float32")
+    for i in range(2):
+        store.write_layer(i, _layer(i), {})
+    shard = path / "layer_001" / "down" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:7])
+    reader = HessianStore.open_for_reading(path, "m1", "c1")
+    reader.read_layer(0)
+    with pytest.raises(StoreError, match=r"layer 1 array down .*run `dvc repro -f hessians`.*layer_001"):
+        reader.read_layer(1)
+    # The writer, resuming, does not trust the damaged layer: it is recomputed, the good one kept.
+    again = HessianStore.open_for_writing(path, "m1", "c1", 2, "float32")
+    assert again.has_layer(0) and not again.has_layer(1)
+
+
+@pytest.mark.parametrize("change, message", [(lambda H: H.fill_diagonal_(float("nan")), "holds NaN or inf"),
+                                             (lambda H: -H, "not positive semi-definite"),
+                                             (lambda H: H + torch.triu(H, 1), "not symmetric")])
+def test_values_that_are_no_hessian_are_refused(tmp_path, change, message):
+    path = tmp_path / "h.zarr"
+    layer = _layer(0)
+    layer["q"] = (change(layer["q"][0].clone()), 100)
+    HessianStore.open_for_writing(path, "m1", "c1", 1, "float32").write_layer(0, layer, {})
+    with pytest.raises(StoreError, match=f"layer 0 array q .*{message}"):
+        HessianStore.open_for_reading(path, "m1", "c1").read_layer(0)
+
+
+def test_dtype_is_part_of_the_key(tmp_path):
+    path = tmp_path / "h.zarr"
+    HessianStore.open_for_writing(path, "m1", "c1", 1, "float32").write_layer(0, _layer(0), {})
+    assert not HessianStore.open_for_writing(path, "m1", "c1", 1, "float64").has_layer(0)
+
+
+def test_fsspec_url_and_pickling():
+    """A remote store (here fsspec's in-memory filesystem) works like a local one, and a pickled
+    store (what a Dask worker receives) reopens itself by its location."""
+    import pickle
+
+    url = "memory://prunekit-test/h.zarr"
+    store = HessianStore.open_for_writing(url, "m1", "c1", 1, "float32")
+    store.write_layer(0, _layer(0), {"q": ["q"]})
+    reader = pickle.loads(pickle.dumps(HessianStore.open_for_reading(url, "m1", "c1")))
+    assert torch.equal(reader.read_layer(0)["q"][0], _layer(0)["q"][0])
+    with pytest.raises(StoreError, match="another model"):
+        HessianStore.open_for_reading(url, "m2")
+    assert not HessianStore.open_for_writing(url, "m2", "c1", 1, "float32").has_layer(0)  # wiped remotely too

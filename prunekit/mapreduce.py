@@ -1,0 +1,131 @@
+"""Work that can leave the process: Hessians as map-reduce over calibration shards.
+
+The layer loops stay sequential over decoder layers (layer l+1's inputs are layer l's outputs),
+so what spreads over workers is the work inside one layer: the calibration windows are split
+into shards, each shard's activations run through the layer as one task that returns its
+partial Hessians (with token counts) and its outputs, and the partials are reduced with the
+count-weighted mean (`HessianAccumulator.merge`):
+
+    H = Σ_k (N_k / N) H_k,   N = Σ_k N_k,   H_k = (2/N_k) Σ_{t∈k} x_tᵀ x_t
+
+which equals one pass over all windows up to fp rounding. The layer itself is submitted once
+per layer and its future handed to every shard task, so a Dask runner ships its weights to
+each worker once, not once per shard.
+
+No Prefect or Dask here: a `step` may offer `step.submit(fn, *args)` returning a future with
+`.result()` (the flows' Prefect step does; futures passed as arguments are resolved by the
+runner where the task runs); a plain step runs the work at once.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layerwise import HessianAccumulator, LayerwiseRunner
+from .models import Adapter
+
+if TYPE_CHECKING:
+    from .hessian_store import HessianStore
+
+
+@dataclass(frozen=True)
+class Done:
+    """The future of work already run in place (a step without `submit`)."""
+
+    value: Any
+
+    def result(self) -> Any:
+        return self.value
+
+
+def submit(step: Callable, fn: Callable, *args) -> Any:
+    """`step.submit(fn, *args)` when the step can run work elsewhere, else run it now."""
+    if hasattr(step, "submit"):
+        return step.submit(fn, *args)
+    return Done(step(fn, *[a.value if isinstance(a, Done) else a for a in args]))
+
+
+def send_layer(layer: nn.Module) -> nn.Module:
+    """Identity task: its future carries the layer's weights to the workers once per layer."""
+    return layer
+
+
+def split(items: list, shards: int) -> list[list]:
+    """Contiguous, near-equal shards (fewer when there are fewer items); order preserved."""
+    shards = max(1, min(shards, len(items)))
+    size, extra = divmod(len(items), shards)
+    bounds = [k * size + min(k, extra) for k in range(shards + 1)]
+    return [items[bounds[k]:bounds[k + 1]] for k in range(shards)]
+
+
+@torch.no_grad()
+def shard_hessians(layer: nn.Module, index: int, layer_kwargs: dict, inputs: list[torch.Tensor], adapter: Adapter,
+                   dtype: torch.dtype) -> tuple[dict[str, tuple[torch.Tensor, int]], list[torch.Tensor]]:
+    """Map: run one shard of windows through decoder layer `index`.
+
+    Returns ({input key: (H_k, N_k)} over this shard's tokens, the shard's layer outputs).
+    """
+    # With a thread runner every shard task shares this very module: each hook keeps only the
+    # forwards of the thread that registered it.
+    me = threading.get_ident()
+
+    def hook(acc: HessianAccumulator):
+        return lambda _m, args, _out: acc.add(args[0]) if threading.get_ident() == me else None
+
+    accumulators: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in adapter.groups:
+        linear = layer.get_submodule(group[0])
+        acc = HessianAccumulator(linear.in_features, dtype, linear.weight.device)
+        accumulators[adapter.group_key(group)] = acc
+        handles.append(linear.register_forward_hook(hook(acc)))
+    try:
+        outputs = []
+        for x in inputs:
+            out = layer(x, **layer_kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: (acc.H, acc.n_tokens) for key, acc in accumulators.items()}, outputs
+
+
+def reduce_hessians(parts: list[dict[str, tuple[torch.Tensor, int]]]) -> dict[str, tuple[torch.Tensor, int]]:
+    """Reduce: count-weighted mean of the shards' partial Hessians, per input key."""
+    return {key: HessianAccumulator.merge([part[key] for part in parts]) for key in parts[0]}
+
+
+def sharded_hessians(runner: LayerwiseRunner, index: int, dtype: torch.dtype, step: Callable, shards: int,
+                     advance: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """Hessians of layer `index` over all windows as map-reduce over `shards` shards of them.
+
+    With advance=True the shards' outputs become the runner's inputs (dense Hessians only).
+    """
+    layer = submit(step, send_layer, runner.layers[index])
+    futures = [submit(step, shard_hessians, layer, index, runner.layer_kwargs[index], chunk, runner.adapter, dtype)
+               for chunk in split(runner.inputs, shards)]
+    results = [f.result() for f in futures]
+    if advance:
+        runner.inputs = [x for _, outputs in results for x in outputs]
+    return reduce_hessians([parts for parts, _ in results])
+
+
+def collect_hessians_sharded(runner: LayerwiseRunner, store: HessianStore, dtype: torch.dtype, step: Callable,
+                             shards: int) -> None:
+    """`drivers.collect_hessians` with each layer's accumulation mapped over calibration shards.
+
+    Layers already complete in the store are only run forward to produce the next inputs.
+    """
+    adapter = runner.adapter
+    groups = {adapter.group_key(g): list(g) for g in adapter.groups}
+    for i in tqdm(range(len(runner)), desc=f"hessians ({shards} shards)", unit="layer"):
+        if store.has_layer(i):
+            runner.advance(i)
+            continue
+        store.write_layer(i, sharded_hessians(runner, i, dtype, step, shards, advance=True), groups)

@@ -1,0 +1,173 @@
+"""Layer streaming (prunekit/streaming.py): bit-identical to the in-memory path, one layer at a time."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_params
+from prunekit.artifacts import state_fingerprint
+from prunekit.config import Params, PruneParams
+from prunekit.drivers import collect_hessians, prune_model
+from prunekit.hessian_store import HessianStore
+from prunekit.layerwise import LayerwiseRunner
+from prunekit.models import adapter_for, load_model, load_tokenizer, prunable_parameters, save_model
+from prunekit.streaming import INDEX_FILE, LayerStream
+
+CPU = torch.device("cpu")
+
+
+def windows(n: int = 4, seqlen: int = 32) -> torch.Tensor:
+    w = torch.randint(3, 500, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    w[:, 0] = 1
+    return w
+
+
+def loaded_params(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.device.type != "meta"}
+
+
+@pytest.mark.parametrize("model_type", ["opt", "llama", "gemma3_text"])  # tied head, untied, tied + rotary
+def test_streamed_hessians_equal_in_memory(model_type, tiny_models, tmp_path):
+    model_dir = tiny_models[model_type]
+    model = load_model(str(model_dir))
+    adapter = adapter_for(model)
+    dense = HessianStore.open_for_writing(tmp_path / "dense.zarr", "m", "c", 3, "float32")
+    collect_hessians(LayerwiseRunner(model, adapter, windows(), CPU), dense, torch.float32)
+
+    stream = LayerStream(model_dir, CPU)
+    assert not loaded_params(stream.model)
+    streamed = HessianStore.open_for_writing(tmp_path / "streamed.zarr", "m", "c", 3, "float32")
+    collect_hessians(stream.runner(windows()), streamed, torch.float32, stream=stream)
+    assert not loaded_params(stream.model)  # everything went back to meta
+    for i in range(3):
+        a, b = dense.read_layer(i), streamed.read_layer(i)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key][0], b[key][0]) and a[key][1] == b[key][1], (i, key)
+
+
+def test_only_the_current_layer_is_in_memory(tiny_models):
+    stream = LayerStream(tiny_models["llama"], CPU)
+    with stream.outside_layers():
+        assert loaded_params(stream.model) == {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(3):
+        with stream.layer(i) as layer:
+            expected = {f"model.layers.{i}.{n}" for n, _ in layer.named_parameters()}
+            assert loaded_params(stream.model) == expected
+    assert not loaded_params(stream.model)
+
+
+def prune_both(model_dir, tmp_path, mode: str) -> tuple:
+    """The prune stage's two paths on one model: (in-memory folder, streamed folder)."""
+    model = load_model(str(model_dir))
+    adapter = adapter_for(model)
+    sparsity = dict.fromkeys(prunable_parameters(model, adapter), 0.6)
+    params = PruneParams(sparsity=0.6, mode=mode)
+    store = None
+    if mode == "parallel":
+        store = HessianStore.open_for_writing(tmp_path / "h.zarr", "m", "c", 3, "float32")
+        collect_hessians(LayerwiseRunner(model, adapter, windows(), CPU), store, torch.float32)
+    runner = LayerwiseRunner(model, adapter, windows(), CPU) if store is None else None
+    stats = prune_model(model, adapter, sparsity, params, runner=runner, store=store)
+    tokenizer = load_tokenizer(str(model_dir))
+    save_model(model, tokenizer, tmp_path / "memory", extra={"fingerprint": state_fingerprint(model), "linears": stats})
+
+    stream = LayerStream(model_dir, CPU, out_dir=tmp_path / "streamed")
+    runner = stream.runner(windows()) if store is None else None
+    stats = prune_model(stream.model, stream.adapter, sparsity, params, runner=runner, store=store, stream=stream)
+    stream.save(tokenizer, {"linears": stats})
+    return tmp_path / "memory", tmp_path / "streamed"
+
+
+@pytest.mark.parametrize("model_type,mode", [("opt", "sequential"), ("llama", "sequential"), ("llama", "parallel"),
+                                             ("gemma3_text", "sequential")])
+def test_streamed_pruning_is_bit_identical(model_type, mode, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    memory, streamed = prune_both(tiny_models[model_type], tmp_path, mode)
+    assert (streamed / INDEX_FILE).is_file() and not (tmp_path / "streamed.tmp").exists()
+    for name in ("prunekit.json", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (memory / name).read_text() == (streamed / name).read_text(), name  # fingerprint included
+    a = AutoModelForCausalLM.from_pretrained(memory).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(streamed).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (b["model.layers.0.mlp.down_proj.weight" if model_type != "opt" else
+              "model.decoder.layers.0.fc2.weight"] == 0).float().mean() > 0.5
+    tied = AutoModelForCausalLM.from_pretrained(streamed)
+    assert (tied.lm_head.weight is tied.get_input_embeddings().weight) == tied.config.tie_word_embeddings
+    if tied.config.tie_word_embeddings:  # stored once, like save_pretrained does
+        assert "lm_head.weight" not in json.loads((streamed / INDEX_FILE).read_text())["weight_map"]
+
+
+def test_stream_reads_a_sharded_checkpoint(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / INDEX_FILE).is_file()
+    stream = LayerStream(tmp_path / "sharded", CPU)
+    runner = stream.runner(windows())
+    with stream.layer(0):
+        streamed = runner.hessians(0)
+    model = load_model(str(tiny_models["llama"]))
+    dense = LayerwiseRunner(model, adapter_for(model), windows(), CPU).hessians(0)
+    assert all(torch.equal(dense[k].H, streamed[k].H) for k in dense)
+
+
+def run_stages(model_dir, root, stream: bool) -> dict:
+    """prepare_model, calibrate, hessians, prune and quantize stages in `root` (uniform schedule)."""
+    import os
+
+    from prunekit.artifacts import write_json
+    from stages import calibrate, hessians, prepare_model, prune, quantize
+    from stages.common import Paths
+
+    params = Params.model_validate(tiny_params(model_dir, runtime={"device": "cpu", "stream": stream}))
+    root.mkdir()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+        for stage in (prepare_model, calibrate, hessians):
+            stage.check(params)
+            stage.run(params, lambda fn, *a, **k: fn(*a, **k))
+        paths = Paths.of(params)
+        model = load_model(str(paths.model))
+        write_json(paths.schedule, {"sparsity": dict.fromkeys(prunable_parameters(model, adapter_for(model)), 0.7)})
+        for stage in (prune, quantize):
+            stage.run(params, lambda fn, *a, **k: fn(*a, **k))
+    finally:
+        os.chdir(cwd)
+    return {"pruned": paths.pruned, "hessians": paths.hessians, "compressed": paths.compressed}
+
+
+def test_stream_param_in_the_stages(tiny_models, tmp_path):
+    memory = run_stages(tiny_models["opt"], tmp_path / "memory", stream=False)
+    streamed = run_stages(tiny_models["opt"], tmp_path / "streamed", stream=True)
+    for out in ("pruned", "compressed"):
+        assert (memory[out] / "prunekit.json").read_text() == (streamed[out] / "prunekit.json").read_text(), out
+    assert (memory["compressed"] / "qparams.safetensors").read_bytes() == \
+        (streamed["compressed"] / "qparams.safetensors").read_bytes()
+    meta = [json.loads((out["pruned"] / "prunekit.json").read_text()) for out in (memory, streamed)]
+    a = HessianStore.open_for_reading(memory["hessians"], meta[0]["dense_fingerprint"])
+    b = HessianStore.open_for_reading(streamed["hessians"], meta[1]["dense_fingerprint"])
+    for i in range(3):
+        assert all(torch.equal(h, b.read_layer(i)[k][0]) for k, (h, _) in a.read_layer(i).items())
+
+
+def test_reader_chunks_and_writer_index(tmp_path):
+    from prunekit.streaming import CheckpointReader, ShardWriter
+
+    a, b = torch.randn(100, 7), torch.randn(3)
+    writer = ShardWriter(tmp_path)
+    writer.write({"a": a})
+    writer.write({"b": b})
+    writer.close()
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == (700 + 3) * 4
+    reader = CheckpointReader(tmp_path)
+    parts = list(reader.chunks("a", max_bytes=7 * 4 * 30))  # 30 rows a chunk
+    assert [len(p) for p in parts] == [30, 30, 30, 10]
+    assert torch.equal(torch.cat(parts), a) and torch.equal(reader.read(["b"])["b"], b)
