@@ -47,3 +47,24 @@ def schedule(table: pd.DataFrame, log_loss: pd.Series | None, target: float, pat
         ax.scatter(log_loss.index, log_loss.values, c=[f"C{c}" for c in cluster.loc[log_loss.index]])
         ax.set(xlabel="decoder block", ylabel="log estimated loss at target", title="Log-loss, coloured by cluster")
     _save(fig, path)
+
+
+def ppl_vs_sparsity(runs: pd.DataFrame, datasets: list[str], path: Path) -> None:
+    """Perplexity against achieved sparsity, one point per run (rows of reports/runs.csv under one
+    protocol): pruned solid, pruned + quantized dashed, dense as a horizontal line; log scale."""
+    runs = runs.sort_values("achieved_sparsity")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, ds in enumerate(datasets):
+        colour = f"C{k}"
+        for variant, style in (("pruned", "-o"), ("compressed", "--s")):
+            col = f"ppl_{variant}_{ds}"
+            if col in runs and runs[col].notna().any():
+                sub = runs[runs[col].notna()]
+                ax.plot(sub["achieved_sparsity"], sub[col], style, color=colour, ms=4, label=f"{ds} {variant}")
+        dense = f"ppl_dense_{ds}"
+        if dense in runs and runs[dense].notna().any():
+            ax.axhline(runs[dense].dropna().iloc[-1], color=colour, lw=0.8, ls=":", label=f"{ds} dense")
+    ax.set(yscale="log", xlabel="achieved sparsity of the decoder linears", ylabel="perplexity",
+           title=f"Perplexity against sparsity ({len(runs)} run{'s' if len(runs) != 1 else ''})")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)

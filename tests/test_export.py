@@ -1,0 +1,169 @@
+"""Packed export: exact round trips of pruned / GPTQ-quantized weights, loud failure when a
+weight is off its grid, the size it saves, and the export stage on tiny models (OPT, LLaMA):
+the packed export reads back to the pipeline model's weights and logits."""
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_params
+
+from prunekit import packing
+from prunekit.kernels import QuantSpec, gptq, magnitude
+
+
+def _sparse_quantized(d_out=48, d_in=96, sparsity=0.7, groupsize=None, act_order=False, prunen=0, prunem=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X, W = torch.randn(256, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
+    W = magnitude(W, sparsity, prunen=prunen, prunem=prunem).weight
+    res = gptq(W, 2 / 256 * X.T @ X, QuantSpec(bits=4, groupsize=groupsize, act_order=act_order))
+    return W, res
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("groupsize,act_order,nm", [(None, False, (0, 0)), (32, False, (0, 0)), (32, True, (0, 0)),
+                                                     (40, False, (0, 0)), (None, False, (2, 4))])
+def test_quantized_linear_round_trips_bit_identical(groupsize, act_order, nm):
+    _, res = _sparse_quantized(groupsize=groupsize, act_order=act_order, sparsity=0.5 if nm[0] else 0.7,
+                               prunen=nm[0], prunem=nm[1])
+    parts, entry = packing.pack_linear(res.weight, (res.scales, res.zeros), bits=4, groupsize=groupsize)
+    assert entry["kind"] == "sparse_int" and entry["nnz"] == int((res.weight != 0).sum())
+    assert parts["codes"].numel() == (entry["nnz"] + 1) // 2
+    restored = packing.unpack_linear(parts, entry)
+    assert torch.equal(_bits(restored), _bits(res.weight))
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_other_widths_round_trip(bits):
+    g = torch.Generator().manual_seed(1)
+    X, W = torch.randn(256, 64, generator=g), magnitude(torch.randn(32, 64, generator=g), 0.7).weight
+    res = gptq(W, 2 / 256 * X.T @ X, QuantSpec(bits=bits, groupsize=16))
+    parts, entry = packing.pack_linear(res.weight, (res.scales, res.zeros), bits=bits, groupsize=16)
+    assert parts["codes"].numel() == ((entry["nnz"] + 1) // 2 if bits <= 4 else entry["nnz"])
+    assert torch.equal(_bits(packing.unpack_linear(parts, entry)), _bits(res.weight))
+
+
+def test_off_grid_weight_is_refused():
+    _, res = _sparse_quantized(groupsize=32)
+    with pytest.raises(packing.PackingError, match="read back exactly"):
+        packing.pack_linear(res.weight, (res.scales * 1.001, res.zeros), groupsize=32)
+    nudged = res.weight.clone()
+    i, j = torch.nonzero(nudged)[0]
+    nudged[i, j] = torch.nextafter(nudged[i, j], torch.tensor(float("inf")))
+    with pytest.raises(packing.PackingError):
+        packing.pack_linear(nudged, (res.scales, res.zeros), groupsize=32)
+    with pytest.raises(packing.PackingError, match="groupsize"):
+        packing.pack_linear(res.weight, (res.scales, res.zeros), groupsize=16)
+
+
+def test_pruned_linear_round_trips_in_fp16_or_exactly():
+    W, _ = _sparse_quantized()
+    parts, entry = packing.pack_linear(W)
+    assert parts["values"].dtype == torch.float16
+    assert torch.equal(packing.unpack_linear(parts, entry), W.half().float())
+    parts, entry = packing.pack_linear(W, float_dtype=None)
+    assert torch.equal(packing.unpack_linear(parts, entry), W)
+
+
+def test_seventy_percent_four_bit_is_under_a_quarter_of_fp16():
+    _, res = _sparse_quantized(d_out=256, d_in=512, groupsize=128)
+    emb = torch.randn(100, 64)
+    packed, manifest = packing.pack_state({"lin": res.weight, "emb": emb}, ["lin"], {"lin": (res.scales, res.zeros)},
+                                          groupsize=128)
+    sizes = packing.sizes(packed, manifest)
+    assert sizes["linears"]["ratio_vs_fp16"] < 0.2
+    assert sizes["tensors"]["fp16_bytes"] == 2 * (256 * 512 + 100 * 64)
+    state = packing.unpack_state(packed, manifest)
+    assert torch.equal(state["lin"], res.weight) and torch.equal(state["emb"], emb.half().float())
+
+
+def run_stages(tmp_path, model_dir, monkeypatch, structure="unstructured", **overrides):
+    """prepare_model -> calibrate -> prune (uniform schedule, sequential) -> quantize -> export,
+    in process and without Prefect; returns the run's Paths."""
+    from prunekit.config import Params
+    from prunekit.drivers import call
+    from prunekit.models import adapter_for, load_model, prunable_parameters
+    from stages import calibrate, export, prepare_model, prune, quantize
+    from stages.common import Paths
+
+    monkeypatch.chdir(tmp_path)
+    sparsity = 0.5 if structure != "unstructured" else 0.7
+    raw = tiny_params(model_dir, prune={"structure": structure, "sparsity": sparsity},
+                      schedule={"allocator": "uniform"}, **overrides)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = Params.model_validate(raw)
+    paths = Paths.of(params, tmp_path)
+    for stage in (prepare_model, calibrate):
+        stage.run(params, call)
+    model = load_model(str(paths.model))
+    keys = prunable_parameters(model, adapter_for(model))
+    paths.schedule.parent.mkdir(parents=True, exist_ok=True)
+    paths.schedule.write_text(json.dumps({"sparsity": {k: sparsity for k in keys}, "target": sparsity,
+                                          "achieved": sparsity, "cluster": {k: 0 for k in keys}}))
+    for stage in (prune, quantize, export):
+        stage.run(params, call)
+    return paths
+
+
+def _logits(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type,quantize,structure", [
+    ("opt", {"groupsize": 32}, "unstructured"),
+    ("opt", {"enabled": False}, "unstructured"),
+    ("llama", {"groupsize": None}, "unstructured"),
+    ("llama", {"groupsize": 32}, "2:4"),
+])
+def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, monkeypatch):
+    paths = run_stages(tmp_path, tiny_models[model_type], monkeypatch, structure=structure, quantize=quantize)
+    quantized = quantize.get("enabled", True)
+    final = paths.compressed if quantized else paths.pruned
+    out = paths.export
+    summary = json.loads((out / "export.json").read_text())
+    metrics = json.loads((paths.reports / "metrics" / "export.json").read_text())
+    assert summary["quantized"] == quantized
+    assert metrics["linears_vs_fp16"] == summary["ratios_vs_fp16"]["linears"]
+    if quantized and structure == "unstructured":
+        assert summary["ratios_vs_fp16"]["linears"] < 0.25
+    assert summary["bytes"]["packed_file"] == (out / "packed" / packing.WEIGHTS).stat().st_size
+
+    ids = torch.randint(4, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    reference = _logits(final, ids)
+    assert summary["hf_dir"] == str(final.relative_to(tmp_path))  # the HF form is the pipeline's folder
+    assert set(summary["hf_sha256"]) == {"model.safetensors"}
+
+    # The packed form: quantized linears come back bit-identical; the rest is fp16.
+    stored = packing.read_safetensors_folder(final)
+    restored = packing.load_packed(out / "packed")
+    assert set(restored) == set(stored)
+    linears = [n for n, e in json.loads((out / "packed" / packing.MANIFEST).read_text())["tensors"].items()
+               if e["kind"] != "dense"]
+    assert linears
+    for name in linears:
+        expected = stored[name] if quantized else stored[name].half().float()
+        assert torch.equal(_bits(restored[name]), _bits(expected)), name
+    unpacked = packing.unpack_to_folder(out / "packed", tmp_path / "unpacked")
+    torch.testing.assert_close(_logits(unpacked, ids), reference, rtol=0, atol=0.05)
+
+
+def test_exact_packing_of_a_pipeline_model_gives_equal_logits(tiny_models, tmp_path, monkeypatch):
+    """With every non-code tensor kept as stored, the unpacked model is the pipeline's model."""
+    paths = run_stages(tmp_path, tiny_models["llama"], monkeypatch)
+    from stages.export import decoder_linears
+
+    stored = packing.read_safetensors_folder(paths.compressed)
+    linears = decoder_linears(stored, "llama")
+    grids = packing.load_grids(paths.compressed / "qparams.safetensors")
+    packed, manifest = packing.pack_state(stored, linears, grids, groupsize=32, float_dtype=None)
+    packing.save_packed(tmp_path / "exact", packed, manifest, extra_files=[paths.compressed / "config.json"])
+    packing.unpack_to_folder(tmp_path / "exact", tmp_path / "exact_hf")
+    ids = torch.randint(4, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(tmp_path / "exact_hf", ids), _logits(paths.compressed, ids))
