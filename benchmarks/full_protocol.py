@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,6 +59,11 @@ SENS_MEASURED = {"unit": "block", "grid": SENS_GRID, "lo": 0.4, "hi": 0.95}
 CONFIGS = {
     "dense": None,
     "gptq4": ("none", 0.0, "unstructured", "uniform", "sequential", 4, {}),
+    "sgpt60": ("sparsegpt", 0.6, "unstructured", "uniform", "sequential", None, {}),
+    "owl60": ("sparsegpt", 0.6, "unstructured", "owl", "sequential", None, {}),
+    "kmeans60": ("sparsegpt", 0.6, "unstructured", "kmeans", "sequential", None, {"k": 3, "spread": 0.05}),
+    "owl80": ("sparsegpt", 0.8, "unstructured", "owl", "sequential", None, {}),
+    "kmeans80": ("sparsegpt", 0.8, "unstructured", "kmeans", "sequential", None, {"k": 3, "spread": 0.05}),
     "sgpt50": ("sparsegpt", 0.5, "unstructured", "uniform", "sequential", None, {}),
     "sgpt70": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential", None, {}),
     "sgpt80": ("sparsegpt", 0.8, "unstructured", "uniform", "sequential", None, {}),
@@ -76,13 +82,30 @@ CONFIGS = {
     "measured80": ("sparsegpt", 0.8, "unstructured", "measured", "sequential", None, SENS_MEASURED),
 }
 SENSITIVITY_ALLOCATORS = ("ranked", "measured")
+# search: prunekit.search on the first fit_windows calibration windows (screen_windows of them
+# screen the children); levels target ± k·step within [lo, hi].
+SEARCH = {"step": 0.05, "lo": 0.4, "hi": 0.95, "fit_windows": 8, "generations": 150, "offspring": 16,
+          "survivors": 4, "max_mutations": 3, "screen_windows": 2, "unit": "block", "seed": 0}
+CONFIGS.update({
+    "search70": ("sparsegpt", 0.7, "unstructured", "search", "sequential", None, SEARCH),
+    "search80": ("sparsegpt", 0.8, "unstructured", "search", "sequential", None, SEARCH),
+    "search60": ("sparsegpt", 0.6, "unstructured", "search", "sequential", None, SEARCH),
+    "search70s": ("sparsegpt", 0.7, "unstructured", "search", "sequential", None,
+                  {**SEARCH, "database": "sequential", "generations": 80}),
+    "search70sr": ("sparsegpt", 0.7, "unstructured", "search", "sequential", None,
+                   {**SEARCH, "database": "sequential", "generations": 60, "init": "ranked"}),
+    "search70r": ("sparsegpt", 0.7, "unstructured", "search", "sequential", None,
+                  {**SEARCH, "generations": 60, "init": "ranked"}),
+})
+# WikiText-2 validation is the text for choosing hyper-parameters; test and C4 only report.
+EVAL_TEXTS = ("wikitext2", "c4", "wikitext2-valid")
 
 
 def prepare(args) -> None:
     tokenizer = load_tokenizer(args.source)
     bos = bos_id(tokenizer)
     calib = calibration_windows(tokenize(load_text("c4", (1000, 2000)), tokenizer), args.nsamples, args.seqlen, 0, bos)
-    evals = {name: eval_windows(tokenize(load_text(name), tokenizer), args.seqlen, bos) for name in ("wikitext2", "c4")}
+    evals = {name: eval_windows(tokenize(load_text(name), tokenizer), args.seqlen, bos) for name in EVAL_TEXTS}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"calib": calib.to(torch.int32), **{k: v.to(torch.int32) for k, v in evals.items()},
                 "seqlen": args.seqlen, "bos": bos}, args.out)
@@ -133,6 +156,34 @@ def sensitivity_sparsity(curves, allocator, target, overrides) -> dict[str, floa
     return allocate_measured(curves, target, overrides["lo"], overrides["hi"])
 
 
+def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache: dict, args, sens_cache: dict):
+    """Schedule from prunekit.search; the level database is built once per level grid."""
+    from prunekit.search import LevelDatabase, SearchSpec, evolve, levels_around
+
+    levels = levels_around(target, o["step"], o["lo"], o["hi"])
+    along = o.get("database", "dense") == "sequential"
+    key = (tuple(np.round(levels, 6)), along and target)
+    t = time.time()
+    if key not in cache:
+        cache.clear()  # one database at a time (GPU memory)
+        cache[key] = (LevelDatabase.build_along(LayerwiseRunner(model, adapter, calib, device), levels, target) if along
+                      else LevelDatabase.build(model, adapter, hessians.__getitem__, levels))
+    db_s = time.time() - t
+    init = None
+    if o.get("init") == "ranked":
+        curves, _ = sensitivity_curves(model, adapter, calib, hessians, SENS_RANKED, args, device, sens_cache)
+        init = sensitivity_sparsity(curves, "ranked", target, SENS_RANKED)
+    spec = SearchSpec(**{k: o[k] for k in ("generations", "offspring", "survivors", "max_mutations",
+                                           "screen_windows", "unit", "seed")})
+    result = evolve(model, adapter, cache[key], calib[: o["fit_windows"]], target, spec, device=device, init=init)
+    info = {"database_s": db_s, "search_s": result.seconds, "evaluations": result.evaluations,
+            "uniform_fitness": result.uniform_fitness, "fitness": result.fitness,
+            "unit_sparsity": result.unit_sparsity, "history": result.history["fitness"].round(5).tolist(),
+            "spec": o}
+    log.info("search: %s", {k: v for k, v in info.items() if k != "history"})
+    return result.sparsity, info
+
+
 class _DenseStore:
     """The in-memory dense Hessians, read like the zarr store (parallel mode)."""
 
@@ -151,7 +202,7 @@ def run(args) -> None:
     calib = data["calib"].long()
     if args.nsamples:
         calib = calib[: args.nsamples]
-    evals = {k: data[k].long()[: args.max_windows] for k in ("wikitext2", "c4")}
+    evals = {k: data[k].long()[: args.max_windows] for k in EVAL_TEXTS if k in data}
     t0 = time.time()
     model = load_model(args.model, device=device)
     adapter = adapter_for(model)
@@ -159,6 +210,7 @@ def run(args) -> None:
     log.info("loaded %s in %.1f s on %s", args.model, time.time() - t0, device)
     hessians = est = None
     sens_cache: dict = {}
+    search_cache: dict = {}
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     for name in args.configs.split(","):
         model.load_state_dict(dense_state)
@@ -175,6 +227,9 @@ def run(args) -> None:
                     est = estimates(model, adapter, hessians)
                 if allocator == "uniform":
                     sparsity = dict.fromkeys(keys, target)
+                elif allocator == "search":
+                    sparsity, info["search"] = searched_sparsity(model, adapter, calib, hessians, target, overrides,
+                                                                 device, search_cache, args, sens_cache)
                 elif allocator in SENSITIVITY_ALLOCATORS:
                     curves, info["sensitivity_s"] = sensitivity_curves(model, adapter, calib, hessians, overrides,
                                                                        args, device, sens_cache)
@@ -209,7 +264,8 @@ def run(args) -> None:
         log.info("%s", json.dumps(info))
         Path(args.out).write_text(json.dumps(results, indent=2))
     for name, info in results.items():
-        print(f"{name:12s} wikitext2 {info['wikitext2']:9.2f}  c4 {info['c4']:9.2f}  "
+        valid = f"  valid {info['wikitext2-valid']:9.2f}" if "wikitext2-valid" in info else ""
+        print(f"{name:12s} wikitext2 {info['wikitext2']:9.2f}  c4 {info['c4']:9.2f}{valid}  "
               f"sparsity {info.get('sparsity', 0):.4f}  {info['total_s']:.0f} s")
 
 

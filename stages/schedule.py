@@ -1,4 +1,15 @@
-"""schedule: loss estimates -> sparsity per linear (json), table (csv) and plot."""
+"""schedule: loss estimates (+ measured sensitivity, model, calibration) -> sparsity per linear.
+
+Allocators (schedule.allocator):
+- uniform, kmeans (the paper), owl: from the layer-local loss estimates (prunekit.schedule).
+- ranked: blocks ordered by measured output sensitivity (sensitivity stage).
+- search: evolutionary search of per-unit levels scored by calibration NLL (prunekit.search),
+  started from the ranked schedule by default. Uses the model, the calibration windows and,
+  with search.database 'dense', the Hessian store.
+
+Writes the schedule (json), its table (reports/schedule.csv), a plot, and for the search its
+fitness history (reports/search.csv).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +19,9 @@ from prunekit import plots
 from prunekit.artifacts import write_atomic, write_json
 from prunekit.config import ConfigError, Params
 from prunekit.schedule import allocate, unit_log_loss
-from stages.common import Paths, main
+from stages.common import Paths, log, main, model_fingerprint
+
+MEASURED = ("ranked", "search")
 
 
 def check(params: Params) -> None:
@@ -17,25 +30,79 @@ def check(params: Params) -> None:
 
 
 def needs(paths: Paths) -> list:
-    return [paths.estimates]
+    return [paths.estimates, paths.sensitivity, paths.model, paths.calib]
 
 
 def run(params: Params, step) -> None:
-    paths, target = Paths.of(params), params.prune.sparsity
+    paths, target, s = Paths.of(params), params.prune.sparsity, params.schedule
     estimates = pd.read_parquet(paths.estimates)
-    table = allocate(estimates, target, params.schedule)
+    extra: dict = {}
+    write_atomic(paths.reports / "search.csv", "generation,fitness,accepted,seconds\n")  # filled by a search
+    if s.allocator in MEASURED:
+        table = allocate(estimates, target, s.model_copy(update={"allocator": "uniform"}))
+        sparsity = _ranked(params, paths) if s.allocator == "ranked" else _searched(params, paths, step, extra)
+        table["sparsity"] = table["key"].map(sparsity).astype(float)
+    else:
+        table = allocate(estimates, target, s)
     achieved = float(np.average(table["sparsity"], weights=table["params"]))
     write_json(paths.schedule, {
         "target": target,
         "achieved": achieved,
-        "schedule": params.schedule.model_dump(mode="json"),
+        "schedule": s.model_dump(mode="json"),
         "sparsity": dict(zip(table["key"], table["sparsity"].astype(float))),
         "cluster": dict(zip(table["key"], table["cluster"].astype(int).tolist())),
+        **extra,
     })
     write_atomic(paths.reports / "schedule.csv", table.to_csv(index=False))
     blocks = unit_log_loss(estimates, target, "block", "none")
     log_loss = pd.Series(blocks["log_loss"].to_numpy(), index=blocks["unit"].astype(int))
     plots.schedule(table, log_loss, target, paths.reports / "plots" / "schedule.png")
+
+
+def _ranked(params: Params, paths: Paths) -> dict[str, float]:
+    from prunekit.sensitivity import allocate_ranked
+
+    s = params.schedule
+    curves = pd.read_parquet(paths.sensitivity)
+    return allocate_ranked(curves, params.prune.sparsity, s.rank_spread, s.rank_at, s.min_sparsity, s.max_sparsity)
+
+
+def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, float]:
+    import torch
+
+    from prunekit.data import read_calibration
+    from prunekit.layerwise import LayerwiseRunner
+    from prunekit.models import adapter_for, load_model, pick_device
+    from prunekit.search import LevelDatabase, SearchSpec, evolve, levels_around
+
+    q, s, target = params.schedule.search, params.schedule, params.prune.sparsity
+    device = pick_device(params.runtime.device)
+    windows, calib = read_calibration(paths.calib)
+    model = load_model(str(paths.model), device=device)
+    adapter = adapter_for(model)
+    levels = levels_around(target, q.step, max(s.min_sparsity, target - q.span), min(s.max_sparsity, target + q.span))
+    log.info("search: %d levels %s, %s database, start %s", len(levels), levels.tolist(), q.database, q.init)
+    if q.database == "sequential":
+        runner = LayerwiseRunner(model, adapter, windows, device)
+        database = step(LevelDatabase.build_along, runner, levels, target, percdamp=params.prune.percdamp,
+                        blocksize=params.prune.blocksize)
+    else:
+        from prunekit.hessian_store import HessianStore
+
+        store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
+        database = step(LevelDatabase.build, model, adapter, lambda i: {k: h for k, (h, _) in store.read_layer(i, device).items()},
+                        levels, percdamp=params.prune.percdamp, blocksize=params.prune.blocksize)
+    init = _ranked(params, paths) if q.init == "ranked" else None
+    spec = SearchSpec(generations=q.generations, offspring=q.offspring, survivors=q.survivors,
+                      max_mutations=q.max_mutations, screen_windows=q.screen_windows, unit=q.unit, seed=s.seed)
+    with torch.no_grad():
+        result = step(evolve, model, adapter, database, windows[: q.fit_windows], target, spec, device=device, init=init)
+    extra["search"] = {"levels": levels.tolist(), "uniform_nll": result.uniform_fitness,
+                       "start_nll": float(result.history["fitness"].iloc[0]),
+                       "nll": result.fitness, "evaluations": result.evaluations, "seconds": round(result.seconds, 1)}
+    write_atomic(paths.reports / "search.csv", result.history.to_csv(index=False))
+    return result.sparsity
+
 
 
 if __name__ == "__main__":

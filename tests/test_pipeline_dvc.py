@@ -43,18 +43,21 @@ def repo(tmp_path_factory, tiny_models, prefect_api) -> Path:
 def test_full_then_partial_rerun_then_noop(repo):
     first = _sh(["dvc", "repro"], repo)
     ran = _ran(first.stdout)
-    assert {"prepare_model", "calibrate", "hessians", "estimate", "schedule", "prune", "quantize",
+    assert {"prepare_model", "calibrate", "hessians", "estimate", "sensitivity", "schedule", "prune", "quantize", "export",
             "evaluate@dense", "evaluate@pruned", "evaluate@compressed", "report"} <= ran
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.7, abs=0.01)
     assert metrics["pruned"]["wikitext2"] > metrics["dense"]["wikitext2"] > 1
     assert (repo / "reports" / "report.md").read_text().startswith("# Compression report: tiny")
+    schedule = json.loads((repo / "data" / "schedule" / "tiny.json").read_text())
+    assert schedule["schedule"]["allocator"] == "search"  # the default allocator, through DVC
+    assert schedule["search"]["nll"] <= schedule["search"]["uniform_nll"]
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prune"]["sparsity"] = 0.6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     second = _ran(_sh(["dvc", "repro"], repo).stdout)
-    assert second == {"schedule", "prune", "quantize", "evaluate@pruned", "evaluate@compressed", "report"}
+    assert second == {"schedule", "prune", "quantize", "export", "evaluate@pruned", "evaluate@compressed", "report"}
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
 

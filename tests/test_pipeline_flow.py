@@ -2,6 +2,7 @@
 on every architecture."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -12,13 +13,21 @@ from prunekit.models import adapter_for, decoder_layers
 from tiny import CONFIGS
 
 
-@pytest.mark.parametrize("model_type", ["opt", "bloom", "gemma3_text"])  # llama: the DVC test
+SCHEDULES = {  # llama: the default (search from uniform) in the DVC test
+    "opt": {"allocator": "owl"},
+    "bloom": {"allocator": "kmeans"},
+    "gemma3_text": {"allocator": "search", "search": {"init": "ranked", "database": "dense", "unit": "block",
+                                                      "generations": 3}},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(SCHEDULES))
 def test_pipeline_flow(model_type, tiny_models, prefect_api, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
     from transformers import AutoModelForCausalLM
 
     monkeypatch.chdir(tmp_path)
-    raw = tiny_params(tiny_models[model_type], schedule={"allocator": "owl" if model_type == "opt" else "kmeans"},
+    raw = tiny_params(tiny_models[model_type], schedule=SCHEDULES[model_type],
                       prune={"mode": "parallel" if model_type == "bloom" else "sequential"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     pipeline(Params.model_validate(raw))
@@ -26,6 +35,12 @@ def test_pipeline_flow(model_type, tiny_models, prefect_api, tmp_path, monkeypat
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.7, abs=0.01)
     assert set(metrics["compressed"]) == {"wikitext2", "c4"}
+    schedule = json.loads((tmp_path / "data" / "schedule" / "tiny.json").read_text())
+    sensitivity = pd.read_parquet(tmp_path / "data" / "sensitivity" / "tiny__c4.parquet")
+    blocks = {key.split(".")[0] for key in schedule["sparsity"]}
+    assert len(sensitivity) == (len(blocks) if model_type == "gemma3_text" else 0)  # measured only when read
+    if model_type == "gemma3_text":
+        assert schedule["search"]["nll"] <= schedule["search"]["uniform_nll"]
     store = tmp_path / "data" / "hessians" / "tiny__c4.zarr"
     assert (store / "zarr.json").is_file() and (store / "layer_002").is_dir()
 

@@ -1,0 +1,139 @@
+"""Evolutionary schedule search on tiny models: budget, determinism, monotone fitness."""
+import numpy as np
+import pytest
+import torch
+
+from prunekit.config import ConfigError
+from prunekit.evaluate import perplexity
+from prunekit.layerwise import LayerwiseRunner
+from prunekit.models import adapter_for, load_model, prunable_parameters
+from prunekit.search import LevelDatabase, SearchSpec, evolve, levels_around
+
+CPU = torch.device("cpu")
+
+
+def _windows(n=4, seqlen=32, seed=0):
+    windows = torch.randint(3, 500, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    windows[:, 0] = 1
+    return windows
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    model = load_model(str(tiny_models["llama"]))
+    adapter = adapter_for(model)
+    windows = _windows()
+    runner = LayerwiseRunner(model, adapter, windows, CPU)
+    hessians = {i: {k: a.H for k, a in runner.hessians(i, advance=True).items()} for i in range(len(runner))}
+    levels = levels_around(0.6, 0.1, 0.3, 0.9)
+    db = LevelDatabase.build(model, adapter, hessians.__getitem__, levels)
+    return model, adapter, windows, db
+
+
+def test_levels_are_centred_on_the_target_and_bounded():
+    assert levels_around(0.7, 0.05, 0.4, 0.95).tolist() == pytest.approx(
+        [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95])
+    assert levels_around(0.6, 0.25, 0.3, 0.9).tolist() == pytest.approx([0.35, 0.6, 0.85])
+    with pytest.raises(ConfigError):
+        levels_around(0.99, 0.05, 0.4, 0.95)
+
+
+def test_database_levels_have_their_sparsity(setup):
+    model, adapter, _, db = setup
+    for k, s in enumerate(db.levels):
+        w = db.weights[0]["mlp.down_proj"][k]
+        assert float((w == 0).float().mean()) == pytest.approx(s, abs=1 / w.shape[1])
+
+
+@pytest.mark.parametrize("unit", ["block", "linear"])
+def test_search_keeps_budget_improves_fitness_and_restores_weights(setup, unit):
+    model, adapter, windows, db = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = evolve(model, adapter, db, windows, 0.6, SearchSpec(generations=6, offspring=6, survivors=2, unit=unit))
+    params = prunable_parameters(model, adapter)
+    achieved = sum(result.sparsity[k] * n for k, n in params.items()) / sum(params.values())
+    assert achieved == pytest.approx(0.6, abs=1e-9)
+    assert set(result.sparsity.values()) <= set(db.levels.tolist())
+    assert result.fitness <= result.uniform_fitness
+    assert np.all(np.diff(result.history["fitness"]) <= 0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_search_is_deterministic(setup):
+    model, adapter, windows, db = setup
+    spec = SearchSpec(generations=4, offspring=5, survivors=2, seed=3)
+    a, b = (evolve(model, adapter, db, windows, 0.6, spec) for _ in range(2))
+    assert a.sparsity == b.sparsity and a.fitness == b.fitness
+
+
+def test_fitness_is_the_nll_of_the_schedule_applied(setup):
+    """The reported fitness equals the NLL of the model with the found levels' weights."""
+    model, adapter, windows, db = setup
+    result = evolve(model, adapter, db, windows, 0.6, SearchSpec(generations=3, offspring=4, survivors=2))
+    layers = model.get_submodule(adapter.layers)
+    originals = {}
+    for key, s in result.sparsity.items():
+        layer, name = key.split(".", 1)
+        linear = layers[int(layer)].get_submodule(name)
+        originals[key] = linear.weight.data
+        linear.weight.data = db.weights[int(layer)][name][int(np.flatnonzero(np.isclose(db.levels, s))[0])]
+    nll = perplexity(model, windows)["nll"]  # the full model's forward, not the search's layer loop
+    for key, weight in originals.items():
+        layer, name = key.split(".", 1)
+        layers[int(layer)].get_submodule(name).weight.data = weight
+    assert nll == pytest.approx(result.fitness, rel=1e-6)
+
+
+def test_target_off_the_grid_is_refused(setup):
+    model, adapter, windows, db = setup
+    with pytest.raises(ConfigError, match="not a level"):
+        evolve(model, adapter, db, windows, 0.65, SearchSpec(generations=1))
+
+
+def test_sequential_database_follows_the_pruned_prefix(setup, tiny_models):
+    """Layer 0 sees dense inputs either way; later layers are fitted to the uniformly pruned prefix,
+    which is what sequential pruning at the target computes."""
+    from prunekit.config import PruneParams
+    from prunekit.drivers import prune_model
+
+    model, adapter, windows, dense_db = setup
+    along = LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, CPU), dense_db.levels, 0.6)
+    k = int(np.flatnonzero(np.isclose(along.levels, 0.6))[0])
+    assert all(torch.equal(a, b) for a, b in zip(along.weights[0]["mlp.up_proj"], dense_db.weights[0]["mlp.up_proj"]))
+    assert not torch.equal(along.weights[1]["mlp.up_proj"][k], dense_db.weights[1]["mlp.up_proj"][k])
+    pruned = load_model(str(tiny_models["llama"]))
+    keys = list(prunable_parameters(pruned, adapter))
+    prune_model(pruned, adapter, dict.fromkeys(keys, 0.6), PruneParams(sparsity=0.6),
+                runner=LayerwiseRunner(pruned, adapter, windows, CPU))
+    layers = pruned.get_submodule(adapter.layers)
+    for i, per_linear in along.weights.items():
+        for name, per_level in per_linear.items():
+            assert torch.allclose(per_level[k], layers[i].get_submodule(name).weight, atol=1e-6)
+
+
+def test_a_given_schedule_snaps_to_levels_within_budget(setup):
+    from prunekit.search import _snap, _Units
+
+    model, adapter, _, db = setup
+    layers = model.get_submodule(adapter.layers)
+    units = _Units(adapter, layers, "block")
+    centre = int(np.flatnonzero(np.isclose(db.levels, 0.6))[0])
+    n = len(layers)
+    init = {f"{i}.{name}": 0.6 + (0.13 if i == 0 else -0.13 / (n - 1)) for i in range(n) for name in adapter.linears}
+    k = _snap(init, units, db.levels, centre)
+    assert db.levels[k[0]] == pytest.approx(0.7)  # 0.73 snaps to the 0.7 level
+    assert k.sum() == centre * n  # equal-size blocks: the budget is exact
+
+
+def test_search_never_starts_worse_than_uniform(setup):
+    model, adapter, windows, db = setup
+    params = prunable_parameters(model, adapter)
+    layers = sorted({int(k.split(".")[0]) for k in params})
+    spec = SearchSpec(generations=0)
+    for first in (0.9, 0.3):  # the first block pruned far more / far less than the rest
+        init = {k: first if int(k.split(".")[0]) == layers[0] else 0.6 - (first - 0.6) / (len(layers) - 1)
+                for k in params}
+        result = evolve(model, adapter, db, windows, 0.6, spec, init=init)
+        assert result.fitness <= result.uniform_fitness
+        achieved = sum(result.sparsity[k] * n for k, n in params.items()) / sum(params.values())
+        assert achieved == pytest.approx(0.6, abs=1e-9)
