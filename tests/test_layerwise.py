@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prunekit.config import ConfigError
-from prunekit.layerwise import HessianAccumulator, LayerwiseRunner
+from prunekit.layerwise import LayerwiseRunner
 from prunekit.models import ADAPTERS, adapter_for, decoder_layers, layer_linears, load_model, resolve_source
 from tiny import CONFIGS
 
@@ -50,21 +50,6 @@ def test_hessians_match_brute_force(tiny_models):
     X = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).double()
     torch.testing.assert_close(acc["mlp.down_proj"].H, 2 * X.T @ X / X.shape[0])
     assert acc["mlp.down_proj"].n_tokens == 4 * 32
-
-
-def test_accumulator_merge_equals_single_pass():
-    torch.manual_seed(0)
-    xs = [torch.randn(n, 16) for n in (5, 17, 3)]
-    whole = HessianAccumulator(16, torch.float64)
-    parts = []
-    for x in xs:
-        whole.add(x)
-        part = HessianAccumulator(16, torch.float64)
-        part.add(x)
-        parts.append((part.H, part.n_tokens))
-    merged, n = HessianAccumulator.merge(parts)
-    assert n == whole.n_tokens
-    torch.testing.assert_close(merged, whole.H)
 
 
 def test_unknown_architecture_and_paths_fail_clearly(tmp_path):
