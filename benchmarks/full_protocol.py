@@ -158,16 +158,15 @@ def sensitivity_sparsity(curves, allocator, target, overrides) -> dict[str, floa
 
 def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache: dict, args, sens_cache: dict):
     """Schedule from prunekit.search; the level database is built once per level grid."""
-    from prunekit.search import LevelDatabase, SearchSpec, evolve, levels_around
+    from prunekit.search import SearchSpec, database_for, evolve, levels_around
 
     levels = levels_around(target, o["step"], o["lo"], o["hi"])
-    along = o.get("database", "dense") == "sequential"
-    key = (tuple(np.round(levels, 6)), along and target)
+    kind = o.get("database", "dense")
+    key = (tuple(np.round(levels, 6)), kind == "sequential" and target)
     t = time.time()
     if key not in cache:
         cache.clear()  # one database at a time (GPU memory)
-        cache[key] = (LevelDatabase.build_along(LayerwiseRunner(model, adapter, calib, device), levels, target) if along
-                      else LevelDatabase.build(model, adapter, hessians.__getitem__, levels))
+        cache[key] = database_for(kind, model, adapter, calib, levels, target, hessians.__getitem__, device=device)
     db_s = time.time() - t
     init = None
     if o.get("init") == "ranked":

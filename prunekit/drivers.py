@@ -144,7 +144,7 @@ def prune_stored_layer(layer: nn.Module, index: int, adapter: Adapter, store: He
     worker prunes its own copy of the layer.
     """
     device = next(layer.parameters()).device
-    hessians = {k: h for k, (h, _) in store.read_layer(index, device).items()}
+    hessians = store.hessians(index, device)
     stats = prune_layer(layer, index, adapter, hessians, sparsity, params)
     return stats, {name: layer.get_submodule(name).weight.data for name in adapter.linears}
 

@@ -220,6 +220,10 @@ class HessianStore:
             out[key] = (torch.from_numpy(data).to(device), int(group.attrs["n_tokens"][key]))
         return out
 
+    def hessians(self, layer: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """{input key: H} of one layer (`read_layer` without the token counts)."""
+        return {key: H for key, (H, _) in self.read_layer(layer, device).items()}
+
 
 def _reopen(location: str) -> HessianStore:
     return HessianStore(location, zarr.open_group(location, mode="r"))

@@ -106,6 +106,19 @@ class LevelDatabase:
         return cls(np.asarray(levels, dtype=float), weights)
 
 
+def database_for(kind: str, model: nn.Module, adapter: Adapter, windows: torch.Tensor, levels: np.ndarray,
+                 target: float, hessian_of: Callable[[int], dict[str, torch.Tensor]] | None = None, *,
+                 device: torch.device | None = None, **kwargs) -> LevelDatabase:
+    """The level database of `kind` ('sequential': along the uniform prefix at `target`, from the
+    calibration `windows`; 'dense': from `hessian_of`, the dense Hessians); kwargs go to the builder."""
+    if kind == "sequential":
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        return LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, device), levels, target, **kwargs)
+    if kind == "dense" and hessian_of is not None:
+        return LevelDatabase.build(model, adapter, hessian_of, levels, **kwargs)
+    raise ConfigError(f"search database must be 'sequential' or 'dense' (with Hessians), got {kind!r}")
+
+
 def _prune_levels(layer: nn.Module, adapter: Adapter, hessians: dict[str, torch.Tensor], levels: np.ndarray,
                   percdamp: float, blocksize: int, store_dtype: torch.dtype | None) -> dict[str, list[torch.Tensor]]:
     """{linear: [weight pruned to each level]} for one layer; one factorisation per shared input."""

@@ -71,6 +71,41 @@ def read_artifact(path: Path, stage: str) -> dict:
         raise ConfigError(f"{path} is unreadable or not JSON ({type(exc).__name__}); rerun the {stage} stage") from None
 
 
+def open_model(params: Params, model_dir: Path, device, out_dir: Path | None = None):
+    """(stream, model, adapter) for a layer loop: the model in memory (stream None), or with
+    runtime.stream its meta-device skeleton read one decoder layer at a time (and written to
+    out_dir as it goes)."""
+    if params.runtime.stream:
+        from prunekit.streaming import LayerStream
+
+        stream = LayerStream(model_dir, device, out_dir=out_dir)
+        return stream, stream.model, stream.adapter
+    from prunekit.models import adapter_for, load_model
+
+    model = load_model(str(model_dir), device=device)
+    return None, model, adapter_for(model)
+
+
+def layer_runner(stream, model, adapter, windows, device):
+    """The calibration windows' layer-by-layer runner, reading streamed layers when streaming."""
+    from prunekit.layerwise import LayerwiseRunner
+
+    return stream.runner(windows) if stream is not None else LayerwiseRunner(model, adapter, windows, device)
+
+
+def save_result(stream, model, tokenizer_dir: Path, out_dir: Path, extra: dict) -> None:
+    """Write the modified model with prunekit.json = extra + its "fingerprint" (a stream computes
+    the same fingerprint from the files it wrote)."""
+    from prunekit.artifacts import state_fingerprint
+    from prunekit.models import load_tokenizer, save_model
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    if stream is not None:
+        stream.save(tokenizer, extra)
+    else:
+        save_model(model.cpu(), tokenizer, out_dir, extra={"fingerprint": state_fingerprint(model), **extra})
+
+
 def require(*paths: Path) -> None:
     """Fail before any heavy work when an input artifact is missing."""
     for path in paths:

@@ -29,7 +29,7 @@ def run(params: Params, step) -> None:
     rows = []
     for i, layer in enumerate(tqdm(decoder_layers(model, adapter), desc="estimate", unit="layer")):
         weights = {name: lin.weight.data for name, lin in layer_linears(layer, adapter).items()}
-        hessians = {k: h for k, (h, _) in store.read_layer(i).items()}
+        hessians = store.hessians(i)
         rows += step(estimate_layer, i, weights, adapter.groups, hessians, e.grid, e.percdamp, e.owl_m)
     df = pd.DataFrame(rows)
     write_atomic(paths.estimates, df.to_parquet(index=False))

@@ -10,11 +10,9 @@ from prunekit.config import ConfigError, Params
 from prunekit.data import read_calibration
 from prunekit.drivers import collect_hessians
 from prunekit.hessian_store import HessianStore
-from prunekit.layerwise import LayerwiseRunner
 from prunekit.mapreduce import collect_hessians_sharded
-from prunekit.models import adapter_for, decoder_layers, load_model, pick_device
-from prunekit.streaming import LayerStream
-from stages.common import Paths, main, model_fingerprint
+from prunekit.models import decoder_layers, pick_device
+from stages.common import Paths, layer_runner, main, model_fingerprint, open_model
 
 
 def check(params: Params) -> None:
@@ -30,13 +28,8 @@ def run(params: Params, step) -> None:
     paths, device = Paths.of(params), pick_device(params.runtime.device)
     dtype = getattr(torch, params.hessians.dtype)
     windows, calib = read_calibration(paths.calib)
-    if params.runtime.stream:  # one decoder layer in memory at a time
-        stream = LayerStream(paths.model, device)
-        model, adapter, runner = stream.model, stream.adapter, stream.runner(windows)
-    else:
-        stream, model = None, load_model(str(paths.model), device=device)
-        adapter = adapter_for(model)
-        runner = LayerwiseRunner(model, adapter, windows, device)
+    stream, model, adapter = open_model(params, paths.model, device)  # streamed: one decoder layer at a time
+    runner = layer_runner(stream, model, adapter, windows, device)
     store = HessianStore.open_for_writing(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"],
                                           len(decoder_layers(model, adapter)), params.hessians.dtype)
     if params.runtime.shards > 1:  # map-reduce over calibration shards on the task runner

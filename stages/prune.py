@@ -5,15 +5,12 @@ from pathlib import Path
 
 import torch
 
-from prunekit.artifacts import state_fingerprint
 from prunekit.config import ConfigError, Params
 from prunekit.data import read_calibration
 from prunekit.drivers import prune_model
 from prunekit.hessian_store import HessianStore
-from prunekit.layerwise import LayerwiseRunner
-from prunekit.models import adapter_for, decoder_layers, load_model, load_tokenizer, pick_device, save_model
-from prunekit.streaming import LayerStream
-from stages.common import Paths, log, main, model_fingerprint, read_artifact
+from prunekit.models import decoder_layers, pick_device
+from stages.common import Paths, layer_runner, log, main, model_fingerprint, open_model, read_artifact, save_result
 
 
 def check(params: Params) -> None:
@@ -36,12 +33,8 @@ def needs(paths: Paths) -> list:
 def run(params: Params, step) -> None:
     paths, p, device = Paths.of(params), params.prune, pick_device(params.runtime.device)
     sparsity = read_schedule(paths.schedule)
-    if params.runtime.stream:  # one decoder layer in memory at a time, written to paths.pruned as it goes
-        stream = LayerStream(paths.model, device, out_dir=paths.pruned)
-        model, adapter = stream.model, stream.adapter
-    else:
-        stream, model = None, load_model(str(paths.model), device=device)
-        adapter = adapter_for(model)
+    # streamed: one decoder layer in memory at a time, written to paths.pruned as it goes
+    stream, model, adapter = open_model(params, paths.model, device, out_dir=paths.pruned)
     missing = [f"{i}.{n}" for i in range(len(decoder_layers(model, adapter))) for n in adapter.linears
                if f"{i}.{n}" not in sparsity]
     if missing:
@@ -50,8 +43,8 @@ def run(params: Params, step) -> None:
     dtype = getattr(torch, params.hessians.dtype)
     if p.mode == "sequential":
         windows, _ = read_calibration(paths.calib)
-        runner = stream.runner(windows) if stream is not None else LayerwiseRunner(model, adapter, windows, device)
-        stats = prune_model(model, adapter, sparsity, p, runner=runner, hessian_dtype=dtype, step=step, stream=stream)
+        stats = prune_model(model, adapter, sparsity, p, runner=layer_runner(stream, model, adapter, windows, device),
+                            hessian_dtype=dtype, step=step, stream=stream)
     else:
         store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model),
                                               read_calibration(paths.calib)[1]["fingerprint"])
@@ -60,11 +53,7 @@ def run(params: Params, step) -> None:
     log.info("pruned to %.4f overall sparsity of the decoder linears", overall)
     extra = {"dense_fingerprint": model_fingerprint(paths.model), "prune": p.model_dump(mode="json"),
              "overall_sparsity": overall, "linears": stats}
-    if stream is not None:
-        stream.save(load_tokenizer(str(paths.model)), extra)  # adds the same "fingerprint", read from the files
-    else:
-        save_model(model.cpu(), load_tokenizer(str(paths.model)), paths.pruned,
-                   extra={"fingerprint": state_fingerprint(model), **extra})
+    save_result(stream, model, paths.model, paths.pruned, extra)
 
 
 if __name__ == "__main__":

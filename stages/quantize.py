@@ -5,15 +5,13 @@ import shutil
 
 import torch
 
-from prunekit.artifacts import read_json, replace_dir, state_fingerprint, write_json
+from prunekit.artifacts import read_json, replace_dir, write_json
 from prunekit.config import Params
 from prunekit.data import read_calibration
 from prunekit.drivers import quantize_model
-from prunekit.layerwise import LayerwiseRunner
-from prunekit.models import adapter_for, load_model, load_tokenizer, pick_device, save_model
+from prunekit.models import pick_device
 from prunekit.packing import save_grids
-from prunekit.streaming import LayerStream
-from stages.common import Paths, log, main
+from stages.common import Paths, layer_runner, log, main, open_model, save_result
 
 QPARAMS = "qparams.safetensors"  # GPTQ grid of every decoder linear, next to the model
 
@@ -38,24 +36,16 @@ def run(params: Params, step) -> None:
     windows, _ = read_calibration(paths.calib)
     log.info("GPTQ %d-bit (%s) of %s on %d calibration windows, %s", q.bits,
              f"groups of {q.groupsize}" if q.groupsize else "per channel", paths.pruned, len(windows), device)
-    if params.runtime.stream:  # one decoder layer in memory at a time, written to paths.compressed as it goes
-        stream = LayerStream(paths.pruned, device, out_dir=paths.compressed)
-        model, adapter, runner = stream.model, stream.adapter, stream.runner(windows)
-    else:
-        stream, model = None, load_model(str(paths.pruned), device=device)
-        adapter = adapter_for(model)
-        runner = LayerwiseRunner(model, adapter, windows, device)
+    # streamed: one decoder layer in memory at a time, written to paths.compressed as it goes
+    stream, model, adapter = open_model(params, paths.pruned, device, out_dir=paths.compressed)
+    runner = layer_runner(stream, model, adapter, windows, device)
     grids: dict = {}
     stats = quantize_model(model, adapter, runner, q, hessian_dtype=getattr(torch, params.hessians.dtype), step=step,
                            grids=grids, stream=stream)
     pruned_meta = read_json(paths.pruned / "prunekit.json")
     extra = {"pruned_fingerprint": pruned_meta["fingerprint"], "quantize": q.model_dump(mode="json"),
              "enabled": True, "linears": stats, "qparams": QPARAMS}
-    if stream is not None:
-        stream.save(load_tokenizer(str(paths.pruned)), extra)  # adds the same "fingerprint", read from the files
-    else:
-        save_model(model.cpu(), load_tokenizer(str(paths.pruned)), paths.compressed,
-                   extra={"fingerprint": state_fingerprint(model), **extra})
+    save_result(stream, model, paths.pruned, paths.compressed, extra)
     # The grids let the export stage store integer codes that read back to these exact weights.
     save_grids(paths.compressed / QPARAMS, {f"{adapter.layers}.{key}.weight": g for key, g in grids.items()})
 

@@ -71,9 +71,8 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
     import torch
 
     from prunekit.data import read_calibration
-    from prunekit.layerwise import LayerwiseRunner
     from prunekit.models import adapter_for, load_model, pick_device
-    from prunekit.search import LevelDatabase, SearchSpec, evolve, levels_around
+    from prunekit.search import SearchSpec, database_for, evolve, levels_around
 
     q, s, target = params.schedule.search, params.schedule, params.prune.sparsity
     device = pick_device(params.runtime.device)
@@ -82,16 +81,14 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
     adapter = adapter_for(model)
     levels = levels_around(target, q.step, max(s.min_sparsity, target - q.span), min(s.max_sparsity, target + q.span))
     log.info("search: %d levels %s, %s database, start %s", len(levels), levels.tolist(), q.database, q.init)
-    if q.database == "sequential":
-        runner = LayerwiseRunner(model, adapter, windows, device)
-        database = step(LevelDatabase.build_along, runner, levels, target, percdamp=params.prune.percdamp,
-                        blocksize=params.prune.blocksize)
-    else:
+    hessian_of = None
+    if q.database == "dense":
         from prunekit.hessian_store import HessianStore
 
         store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
-        database = step(LevelDatabase.build, model, adapter, lambda i: {k: h for k, (h, _) in store.read_layer(i, device).items()},
-                        levels, percdamp=params.prune.percdamp, blocksize=params.prune.blocksize)
+        hessian_of = lambda i: store.hessians(i, device)  # noqa: E731
+    database = step(database_for, q.database, model, adapter, windows, levels, target, hessian_of, device=device,
+                    percdamp=params.prune.percdamp, blocksize=params.prune.blocksize)
     init = _ranked(params, paths) if q.init == "ranked" else None
     spec = SearchSpec(generations=q.generations, offspring=q.offspring, survivors=q.survivors,
                       max_mutations=q.max_mutations, screen_windows=q.screen_windows, unit=q.unit, seed=s.seed)

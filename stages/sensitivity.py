@@ -47,7 +47,7 @@ def run(params: Params, step) -> None:
     model = load_model(str(paths.model), device=device)
     adapter = adapter_for(model)
     store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
-    hessians = {i: {k: h for k, (h, _) in store.read_layer(i, device).items()}
+    hessians = {i: store.hessians(i, device)
                 for i in range(len(decoder_layers(model, adapter)))}
     curves = step(block_sensitivity, model, adapter, windows[: p.windows], hessians, p.grid,
                   percdamp=params.estimate.percdamp, device=device)
