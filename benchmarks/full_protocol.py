@@ -97,6 +97,13 @@ CONFIGS.update({
     "search70r": ("sparsegpt", 0.7, "unstructured", "search", "sequential", None,
                   {**SEARCH, "generations": 60, "init": "ranked"}),
 })
+# The best recipe so far: per-linear units, sequential database, ranked start; NLL or KL fitness.
+SEARCH_LINEAR = {**SEARCH, "database": "sequential", "init": "ranked", "unit": "linear", "generations": 150}
+CONFIGS.update({
+    f"search{round(100 * t)}l{kind}": ("sparsegpt", t, "unstructured", "search", "sequential", None,
+                                       {**SEARCH_LINEAR, "fitness": fitness})
+    for t in (0.6, 0.7, 0.8) for kind, fitness in (("", "nll"), ("kl", "kl"))
+})
 # WikiText-2 validation is the text for choosing hyper-parameters; test and C4 only report.
 EVAL_TEXTS = ("wikitext2", "c4", "wikitext2-valid")
 
@@ -156,7 +163,8 @@ def sensitivity_sparsity(curves, allocator, target, overrides) -> dict[str, floa
     return allocate_measured(curves, target, overrides["lo"], overrides["hi"])
 
 
-def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache: dict, args, sens_cache: dict):
+def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache: dict, args, sens_cache: dict,
+                      results: dict):
     """Schedule from prunekit.search; the level database is built once per level grid."""
     from prunekit.search import SearchSpec, database_for, evolve, levels_around
 
@@ -169,17 +177,22 @@ def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache:
         cache[key] = database_for(kind, model, adapter, calib, levels, target, hessians.__getitem__, device=device)
     db_s = time.time() - t
     init = None
-    if o.get("init") == "ranked":
+    if args.continue_from:  # another search's result (in --out), continued with this config's seed
+        init = results[args.continue_from]["search"]["sparsity"]
+        log.info("search continues from %s (calibration fitness %.4f)", args.continue_from,
+                 results[args.continue_from]["search"]["fitness"])
+    elif o.get("init") == "ranked":
         curves, _ = sensitivity_curves(model, adapter, calib, hessians, SENS_RANKED, args, device, sens_cache)
         init = sensitivity_sparsity(curves, "ranked", target, SENS_RANKED)
+    o = {**o, **{k: v for k, v in (("seed", args.seed), ("generations", args.generations)) if v is not None}}
     spec = SearchSpec(**{k: o[k] for k in ("generations", "offspring", "survivors", "max_mutations",
-                                           "screen_windows", "unit", "seed")})
+                                           "screen_windows", "unit", "seed")}, fitness=o.get("fitness", "nll"))
     result = evolve(model, adapter, cache[key], calib[: o["fit_windows"]], target, spec, device=device, init=init)
     info = {"database_s": db_s, "search_s": result.seconds, "evaluations": result.evaluations,
             "uniform_fitness": result.uniform_fitness, "fitness": result.fitness,
             "unit_sparsity": result.unit_sparsity, "history": result.history["fitness"].round(5).tolist(),
-            "spec": o}
-    log.info("search: %s", {k: v for k, v in info.items() if k != "history"})
+            "sparsity": result.sparsity, "spec": {**o, "continued_from": args.continue_from}}
+    log.info("search: %s", {k: v for k, v in info.items() if k not in ("history", "sparsity", "unit_sparsity")})
     return result.sparsity, info
 
 
@@ -228,7 +241,7 @@ def run(args) -> None:
                     sparsity = dict.fromkeys(keys, target)
                 elif allocator == "search":
                     sparsity, info["search"] = searched_sparsity(model, adapter, calib, hessians, target, overrides,
-                                                                 device, search_cache, args, sens_cache)
+                                                                 device, search_cache, args, sens_cache, results)
                 elif allocator in SENSITIVITY_ALLOCATORS:
                     curves, info["sensitivity_s"] = sensitivity_curves(model, adapter, calib, hessians, overrides,
                                                                        args, device, sens_cache)
@@ -259,7 +272,7 @@ def run(args) -> None:
         for dataset, windows in evals.items():
             info[dataset] = perplexity(model, windows, batch_size=args.batch_size, desc=dataset)["ppl"]
         info["total_s"] = time.time() - t
-        results[name] = info
+        results[args.save_as or name] = info
         log.info("%s", json.dumps(info))
         Path(args.out).write_text(json.dumps(results, indent=2))
     for name, info in results.items():
@@ -287,6 +300,11 @@ def main() -> None:
     r.add_argument("--batch-size", type=int, default=4)
     r.add_argument("--sens-windows", type=int, default=16,
                    help="calibration windows on which ranked/measured configs measure sensitivity")
+    r.add_argument("--continue-from", default=None, metavar="CONFIG",
+                   help="search configs start from this config's searched schedule in --out (use another --seed)")
+    r.add_argument("--seed", type=int, default=None, help="search seed (default: the config's)")
+    r.add_argument("--generations", type=int, default=None, help="search generations (default: the config's)")
+    r.add_argument("--as", dest="save_as", default=None, help="store the (single) config's result under this name")
     r.add_argument("--out", default="full_protocol.json")
     args = parser.parse_args()
     prepare(args) if args.cmd == "prepare" else run(args)

@@ -83,7 +83,7 @@ class SensitivityParams(_Section):
 
 
 class SearchParams(_Section):
-    """Evolutionary search of per-unit sparsity levels scored by calibration NLL (prunekit.search)."""
+    """Evolutionary search of per-unit sparsity levels scored on calibration windows (prunekit.search)."""
 
     generations: int = Field(6, ge=0)
     offspring: int = Field(6, ge=1)
@@ -96,6 +96,7 @@ class SearchParams(_Section):
     unit: Literal["block", "linear"] = "linear"
     database: Literal["dense", "sequential"] = "sequential"
     init: Literal["uniform", "ranked"] = "uniform"
+    fitness: Literal["nll", "kl"] = "nll"  # calibration NLL, or KL from the dense model's next-token distributions
 
 
 class ScheduleParams(_Section):

@@ -8,7 +8,9 @@ sensitivity ignores how errors of many pruned blocks interact. So we score whole
    factorisation per shared input serves all levels.
 2. Fitness of a schedule (a level per unit): the model's mean next-token NLL on calibration
    windows with each unit's linears swapped for the database weights of its level (pointer
-   swaps, no copies).
+   swaps, no copies); or (fitness "kl", as EvoPress) the mean KL divergence of its next-token
+   distributions from the dense model's, which scores every vocabulary entry, not only the
+   token that happened to follow. On CUDA the scoring uses TF32 matmuls.
 3. Search (after EvoPress, Sieberling et al. 2024): from the uniform schedule, each generation
    makes `offspring` children by moving one unit up a level and another of the same size down
    one (1..`max_mutations` such moves), so the parameter-weighted sparsity stays exactly the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +145,8 @@ class SearchSpec:
     screen_windows: int = 2
     unit: str = "block"  # block | linear
     seed: int = 0
+    fitness: str = "nll"  # nll: calibration NLL | kl: KL(dense ‖ pruned) of the next-token distributions
+    tf32: bool = True     # CUDA: score with TF32 matmuls (a ranking needs no more; pruning is unaffected)
 
 
 @dataclass
@@ -210,11 +215,22 @@ def _snap(init: dict[str, float], units: _Units, levels: np.ndarray, centre: int
     return k
 
 
+@contextmanager
+def _matmul_tf32(enabled: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @torch.no_grad()
 def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows: torch.Tensor, target: float,
            spec: SearchSpec = SearchSpec(), *, device: torch.device | None = None, chunk_tokens: int = 1024,
            init: dict[str, float] | None = None) -> SearchResult:
-    """Search the level of every unit minimising calibration NLL at parameter-weighted `target`.
+    """Search the level of every unit minimising the fitness (spec.fitness: calibration NLL, or
+    KL divergence from the dense model's next-token distributions) at parameter-weighted `target`.
 
     `windows` (n, seqlen) are calibration token ids; the first `spec.screen_windows` screen the
     children. The search starts from the uniform schedule, or from `init` (per-linear sparsity,
@@ -228,6 +244,8 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
     match = np.flatnonzero(np.isclose(database.levels, target, atol=1e-9))
     if not len(match):
         raise ConfigError(f"target sparsity {target} is not a level of the database {database.levels.tolist()}")
+    if spec.fitness not in ("nll", "kl"):
+        raise ConfigError(f"search fitness must be 'nll' or 'kl', got {spec.fitness!r}")
     runner = LayerwiseRunner(model, adapter, windows, device)
     tokens = windows.to(device)
     head = OutputHead(model, chunk_tokens)
@@ -241,7 +259,7 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
     first_layer = np.array([min(i for i, _ in m) for m in units.members])
 
     def fitness(levels: np.ndarray, n: int, parent: tuple | None = None, record: bool = False):
-        """(mean NLL of the first n windows with `levels` applied, per-layer inputs if `record`).
+        """(mean fitness per token of the first n windows with `levels` applied, per-layer inputs if `record`).
 
         With parent = (its levels, its recorded inputs), layers before the first one whose
         weights differ are not run again: their inputs are the parent's.
@@ -259,50 +277,56 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
         acts = [list(layer[:n]) for layer in parent[1][:start]] if record and parent is not None else []
         acts += [[] for _ in range(len(runner) + 1 - len(acts))] if record else []
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for x, row in zip(inputs, tokens[:n]):
+        for w, (x, row) in enumerate(zip(inputs, tokens[:n])):
             for i in range(start, len(runner)):
                 if record:
                     acts[i].append(x)
                 x = runner._forward(i, x)
             if record:
                 acts[len(runner)].append(x)
-            total += head.nll_sum(x, row)
+            total += head.nll_sum(x, row) if reference is None else head.kl_sum(x, reference[w])
         return float(total) / (n * (tokens.shape[1] - 1)), (acts if record else None)
 
     n_all = len(windows)
-    try:
-        levels = np.full(len(units), int(match[0]))
-        uniform, acts = fitness(levels, n_all, record=True)
-        best, parent = uniform, (levels, acts)
-        if init is not None:  # start from the given schedule only if it scores better than uniform
-            snapped = _snap(init, units, database.levels, int(match[0]))
-            f, acts = fitness(snapped, n_all, parent, record=True)
-            log.info("search start: uniform NLL %.4f, given schedule %.4f", uniform, f)
-            if f < best:
-                best, parent = f, (snapped, acts)
-        rows = [{"generation": 0, "fitness": best, "accepted": False, "seconds": time.time() - start_time}]
-        for g in tqdm(range(1, spec.generations + 1), desc="search", unit="gen"):
-            children = {tuple(_mutate(parent[0], units, len(database.levels),
-                                      int(rng.integers(1, spec.max_mutations + 1)), rng)) for _ in range(spec.offspring)}
-            children.discard(tuple(parent[0]))
-            ordered = sorted(children)  # set order is not deterministic across processes
-            screened = sorted(ordered, key=lambda c: fitness(np.array(c), n_screen, parent)[0])
-            accepted = False
-            candidates = [(np.array(c), *fitness(np.array(c), n_all, parent, record=True)) for c in screened[: spec.survivors]]
-            for child, f, acts in candidates:
+    with _matmul_tf32(spec.tf32 and device.type == "cuda"):
+        reference = None
+        if spec.fitness == "kl":  # the dense model's last hidden states, the KL's reference
+            reference = list(runner.inputs)
+            for i in range(len(runner)):
+                reference = [runner._forward(i, x) for x in reference]
+        try:
+            levels = np.full(len(units), int(match[0]))
+            uniform, acts = fitness(levels, n_all, record=True)
+            best, parent = uniform, (levels, acts)
+            if init is not None:  # start from the given schedule only if it scores better than uniform
+                snapped = _snap(init, units, database.levels, int(match[0]))
+                f, acts = fitness(snapped, n_all, parent, record=True)
+                log.info("search start: uniform %s %.4f, given schedule %.4f", spec.fitness, uniform, f)
                 if f < best:
-                    best, parent, accepted = f, (child, acts), True
-            rows.append({"generation": g, "fitness": best, "accepted": accepted, "seconds": time.time() - start_time})
-    finally:
-        for key, weight in originals.items():
-            linears[key].weight.data = weight
+                    best, parent = f, (snapped, acts)
+            rows = [{"generation": 0, "fitness": best, "accepted": False, "seconds": time.time() - start_time}]
+            for g in tqdm(range(1, spec.generations + 1), desc="search", unit="gen"):
+                children = {tuple(_mutate(parent[0], units, len(database.levels),
+                                          int(rng.integers(1, spec.max_mutations + 1)), rng)) for _ in range(spec.offspring)}
+                children.discard(tuple(parent[0]))
+                ordered = sorted(children)  # set order is not deterministic across processes
+                screened = sorted(ordered, key=lambda c: fitness(np.array(c), n_screen, parent)[0])
+                accepted = False
+                candidates = [(np.array(c), *fitness(np.array(c), n_all, parent, record=True)) for c in screened[: spec.survivors]]
+                for child, f, acts in candidates:
+                    if f < best:
+                        best, parent, accepted = f, (child, acts), True
+                rows.append({"generation": g, "fitness": best, "accepted": accepted, "seconds": time.time() - start_time})
+        finally:
+            for key, weight in originals.items():
+                linears[key].weight.data = weight
     parent = parent[0]
     unit_sparsity = {name: float(database.levels[k]) for name, k in zip(units.names, parent)}
     sparsity = {f"{i}.{n}": unit_sparsity[name] for name, m in zip(units.names, units.members) for i, n in m}
     achieved = float(units.params @ database.levels[parent] / units.params.sum())
     if abs(achieved - target) > 1e-9:
         raise AssertionError(f"search drifted from the budget: {achieved} vs {target}")
-    log.info("search: calibration NLL %.4f (uniform) -> %.4f (searched) in %d evaluations, %.1f s",
-             uniform, best, evaluations, time.time() - start_time)
+    log.info("search: calibration %s %.4f (uniform) -> %.4f (searched) in %d evaluations, %.1f s",
+             spec.fitness, uniform, best, evaluations, time.time() - start_time)
     return SearchResult(sparsity, unit_sparsity, pd.DataFrame(rows), uniform, best, evaluations,
                         time.time() - start_time, spec.__dict__.copy())

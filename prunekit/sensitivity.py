@@ -59,19 +59,34 @@ class OutputHead:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.chunk_tokens = chunk_tokens
 
-    @torch.no_grad()
-    def nll_sum(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Σ_t −log p(tokens[t+1] | position t) over one window; hidden (1, seqlen, d), tokens (seqlen,)."""
+    def _logits(self, hidden: torch.Tensor):
+        """fp32 logits of positions 0..seqlen−2 of one window (hidden (1, seqlen, d)), in chunks."""
         h = hidden[0, :-1]
         for module in self.norms:
             h = module(h)
-        targets = tokens[1:]
-        total = torch.zeros((), dtype=torch.float64, device=h.device)
         for start in range(0, h.shape[0], self.chunk_tokens):
             logits = self.lm_head(h[start : start + self.chunk_tokens]).float()
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
+            yield start, logits
+
+    @torch.no_grad()
+    def nll_sum(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Σ_t −log p(tokens[t+1] | position t) over one window; hidden (1, seqlen, d), tokens (seqlen,)."""
+        targets = tokens[1:]
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start, logits in self._logits(hidden):
             total += F.cross_entropy(logits, targets[start : start + self.chunk_tokens], reduction="sum").double()
+        return total
+
+    @torch.no_grad()
+    def kl_sum(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Σ_t KL(p_reference(· | t) ‖ p(· | t)) over the same positions as `nll_sum`, where
+        `reference` is another model's (e.g. the dense one's) last hidden states for the window."""
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for (start, logits), (_, ref) in zip(self._logits(hidden), self._logits(reference)):
+            total += F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                              reduction="sum").double()
         return total
 
 

@@ -91,12 +91,13 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
                     percdamp=params.prune.percdamp, blocksize=params.prune.blocksize)
     init = _ranked(params, paths) if q.init == "ranked" else None
     spec = SearchSpec(generations=q.generations, offspring=q.offspring, survivors=q.survivors,
-                      max_mutations=q.max_mutations, screen_windows=q.screen_windows, unit=q.unit, seed=s.seed)
+                      max_mutations=q.max_mutations, screen_windows=q.screen_windows, unit=q.unit, seed=s.seed,
+                      fitness=q.fitness)
     with torch.no_grad():
         result = step(evolve, model, adapter, database, windows[: q.fit_windows], target, spec, device=device, init=init)
-    extra["search"] = {"levels": levels.tolist(), "uniform_nll": result.uniform_fitness,
-                       "start_nll": float(result.history["fitness"].iloc[0]),
-                       "nll": result.fitness, "evaluations": result.evaluations, "seconds": round(result.seconds, 1)}
+    extra["search"] = {"levels": levels.tolist(), "fitness": q.fitness, "uniform": result.uniform_fitness,
+                       "start": float(result.history["fitness"].iloc[0]), "searched": result.fitness,
+                       "evaluations": result.evaluations, "seconds": round(result.seconds, 1)}
     write_atomic(paths.reports / "search.csv", result.history.to_csv(index=False))
     return result.sparsity
 

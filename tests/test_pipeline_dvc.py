@@ -51,7 +51,7 @@ def test_full_then_partial_rerun_then_noop(repo):
     assert (repo / "reports" / "report.md").read_text().startswith("# Compression report: tiny")
     schedule = json.loads((repo / "data" / "schedule" / "tiny.json").read_text())
     assert schedule["schedule"]["allocator"] == "search"  # the default allocator, through DVC
-    assert schedule["search"]["nll"] <= schedule["search"]["uniform_nll"]
+    assert schedule["search"]["searched"] <= schedule["search"]["uniform"]
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prune"]["sparsity"] = 0.6

@@ -66,10 +66,20 @@ def test_search_is_deterministic(setup):
     assert a.sparsity == b.sparsity and a.fitness == b.fitness
 
 
-def test_fitness_is_the_nll_of_the_schedule_applied(setup):
-    """The reported fitness equals the NLL of the model with the found levels' weights."""
+def _full_model_log_probs(model, windows):
+    """Next-token log-probabilities of positions 0..seqlen-2 from the model's own forward."""
+    with torch.no_grad():
+        return torch.log_softmax(model(windows).logits[:, :-1].float(), -1)
+
+
+@pytest.mark.parametrize("fitness", ["nll", "kl"])
+def test_fitness_is_that_of_the_schedule_applied(setup, fitness):
+    """The reported fitness equals the NLL (or the KL from the dense model) of the whole model
+    with the found levels' weights, computed by the model's own forward, not the search's loop."""
     model, adapter, windows, db = setup
-    result = evolve(model, adapter, db, windows, 0.6, SearchSpec(generations=3, offspring=4, survivors=2))
+    dense = _full_model_log_probs(model, windows)
+    result = evolve(model, adapter, db, windows, 0.6, SearchSpec(generations=3, offspring=4, survivors=2,
+                                                                  fitness=fitness))
     layers = model.get_submodule(adapter.layers)
     originals = {}
     for key, s in result.sparsity.items():
@@ -77,11 +87,14 @@ def test_fitness_is_the_nll_of_the_schedule_applied(setup):
         linear = layers[int(layer)].get_submodule(name)
         originals[key] = linear.weight.data
         linear.weight.data = db.weights[int(layer)][name][int(np.flatnonzero(np.isclose(db.levels, s))[0])]
-    nll = perplexity(model, windows)["nll"]  # the full model's forward, not the search's layer loop
+    pruned = _full_model_log_probs(model, windows)
+    nll = perplexity(model, windows)["nll"]  # the evaluator's NLL
     for key, weight in originals.items():
         layer, name = key.split(".", 1)
         layers[int(layer)].get_submodule(name).weight.data = weight
-    assert nll == pytest.approx(result.fitness, rel=1e-6)
+    expected = nll if fitness == "nll" else float((dense.exp() * (dense - pruned)).sum(-1).mean())
+    assert expected == pytest.approx(result.fitness, rel=1e-5)
+    assert result.fitness <= result.uniform_fitness
 
 
 def test_target_off_the_grid_is_refused(setup):
