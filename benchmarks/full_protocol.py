@@ -15,6 +15,8 @@ MODEL is a model source as params.yaml takes it (a .gguf file, a folder, embedde
 Each config starts from the dense weights; the dense Hessians are computed once and shared by
 the allocators that need estimates, by parallel mode and by the sensitivity measurement.
 
+Tables of result files: python benchmarks/full_protocol.py table results.json [more.json ...]
+
 Sensitivity configs (ranked*, measured*) measure output-level curves once per unit kind
 (block / half) on the first --sens-windows calibration windows and share them; the curves are
 also written next to --out (<out>.sens-<unit>-n<nsamples>-w<windows>.csv) and reused by a
@@ -281,6 +283,26 @@ def run(args) -> None:
               f"sparsity {info.get('sparsity', 0):.4f}  {info['total_s']:.0f} s")
 
 
+def table(args) -> None:
+    """Markdown table of result files (later files win on equal names), ratios to uniform at the same target."""
+    results: dict = {}
+    for path in args.results:
+        results.update({k: v for k, v in json.loads(Path(path).read_text()).items() if isinstance(v, dict)})
+    def plain(name):  # unstructured sequential SparseGPT without quantization
+        c = CONFIGS.get(name)
+        return c is not None and c[0] == "sparsegpt" and c[2] == "unstructured" and c[4] == "sequential" and not c[5]
+
+    uniform = {CONFIGS[n][1]: r["wikitext2"] for n, r in results.items() if plain(n) and CONFIGS[n][3] == "uniform"}
+    print("| config | target | wikitext2 test | valid | c4 | vs uniform (test) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in sorted(results.items(), key=lambda kv: (round(kv[1].get("sparsity", 0), 2), kv[0])):
+        target = round(r.get("sparsity", 0), 2)
+        valid = f"{r['wikitext2-valid']:.2f}" if "wikitext2-valid" in r else ""
+        comparable = name not in CONFIGS or plain(name)  # renamed runs (--as) are searches
+        ratio = f"{r['wikitext2'] / uniform[target]:.2f}" if target in uniform and comparable else ""
+        print(f"| {name} | {target:.2f} | {r['wikitext2']:.2f} | {valid} | {r['c4']:.2f} | {ratio} |")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,8 +328,10 @@ def main() -> None:
     r.add_argument("--generations", type=int, default=None, help="search generations (default: the config's)")
     r.add_argument("--as", dest="save_as", default=None, help="store the (single) config's result under this name")
     r.add_argument("--out", default="full_protocol.json")
+    t = sub.add_parser("table", help="markdown table of result files")
+    t.add_argument("results", nargs="+")
     args = parser.parse_args()
-    prepare(args) if args.cmd == "prepare" else run(args)
+    {"prepare": prepare, "run": run, "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":
