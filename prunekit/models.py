@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,8 +200,10 @@ def max_positions(source: str) -> int | None:
     return None
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | None = None) -> None:
-    """Write safetensors + config + tokenizer atomically: a temporary folder, then a rename."""
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | None = None,
+               more_files: Callable[[Path], None] | None = None) -> None:
+    """Write safetensors + config + tokenizer atomically: a temporary folder, then a rename.
+    `more_files(folder)` may add files to the folder before it is published."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,6 +211,8 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | N
     tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "prunekit.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
+    if more_files is not None:
+        more_files(tmp)
     replace_dir(tmp, out_dir)
     log.info("saved model to %s", out_dir)
 

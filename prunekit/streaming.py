@@ -11,11 +11,13 @@ the current step needs is read from disk:
   the layer is written to an output shard when the stage produces a model, and its
   parameters go back to meta.
 
-The LM head is never loaded (only evaluation needs it); `LayerStream.save` copies it, the
-embeddings and the final norm tensor by tensor into the output. Peak memory is therefore
-about one decoder layer (plus its Hessians and the factorisation workspace), the largest
-outside tensor (the embedding, during capture and when copied), and the calibration
-activations — not the model.
+- the final norm(s) and the LM head (`LayerStream.head`), which only evaluation needs (the
+  head is read as the embedding when the two are tied).
+
+`LayerStream.save` copies the tensors no layer wrote (embeddings, final norm, head) tensor by
+tensor into the output. Peak memory is therefore about one decoder layer (plus its Hessians
+and the factorisation workspace), the largest outside tensor (the embedding, during capture
+and when copied), and the calibration activations — not the model.
 
 Results are bit-identical to the in-memory path (`models.load_model` + the same loops): the
 same tensors are read, cast to the same dtype, and run through the same code. The saved
@@ -26,7 +28,8 @@ Checkpoint names must be the model's state-dict names, as `save_pretrained` writ
 prepare_model stage's output); a checkpoint whose names `from_pretrained` would have to
 rewrite (legacy prefixes, weight conversions) is refused with a ConfigError naming them.
 
-The pipeline turns it on with `runtime.stream: true` (hessians, prune and quantize stages).
+The pipeline turns it on with `runtime.stream: true` (hessians, estimate, prune, quantize and
+evaluate stages; `prunekit.evaluate.streamed_nll` is the perplexity pass).
 Example (what stages/prune.py does, sequential mode)::
 
     stream = LayerStream("data/models/opt-1.3b", torch.device("cpu"), out_dir="data/pruned/opt-1.3b")
@@ -201,6 +204,9 @@ class LayerStream:
         self._targets = model.state_dict(keep_vars=True)
         first: dict[int, str] = {}
         self.canonical = {name: first.setdefault(id(t), name) for name, t in self._targets.items()}
+        self._aliases: dict[str, list[str]] = {}
+        for name, canonical in self.canonical.items():
+            self._aliases.setdefault(canonical, []).append(name)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.writer = None
         if self.out_dir is not None:
@@ -227,13 +233,16 @@ class LayerStream:
         return [n for n in self._targets if n.startswith(prefix) and self.canonical[n] == n]
 
     def _load(self, names: list[str]) -> None:
+        """Read canonical `names` onto the device; a tied entry (the head) gets the same tensor."""
         for name, value in self._read(names, self.device).items():
-            _set_tensor(self.model, name, value)
+            for alias in self._aliases[name]:
+                _set_tensor(self.model, alias, value)
 
     def _unload(self, names: list[str]) -> None:
         for name in names:
             if isinstance(self._targets[name], nn.Parameter):
-                _set_tensor(self.model, name, self._targets[name].detach().to("meta"))
+                for alias in self._aliases[name]:
+                    _set_tensor(self.model, alias, self._targets[name].detach().to("meta"))
 
     def _outside_names(self) -> list[str]:
         """Entries of the base model that are not in a decoder layer (embeddings, final norm)."""
@@ -245,6 +254,24 @@ class LayerStream:
     def outside_layers(self) -> Iterator[nn.Module]:
         """Load everything of the base model but the decoder layers (to capture layer 0's inputs)."""
         names = self._outside_names()
+        self._load(names)
+        try:
+            yield self.model
+        finally:
+            self._unload(names)
+
+    def _head_names(self) -> list[str]:
+        """Canonical entries of the final modules (`Adapter.final`) and the LM head."""
+        head = self.model.get_output_embeddings()
+        head_path = next(name for name, module in self.model.named_modules() if module is head)
+        prefixes = tuple(f"{path}." for path in (*self.adapter.final, head_path))
+        return list(dict.fromkeys(self.canonical[n] for n in self._targets if n.startswith(prefixes)))
+
+    @contextmanager
+    def head(self) -> Iterator[nn.Module]:
+        """Load the final norm(s) and the LM head (for the scores of the last hidden states);
+        a head tied to the embedding is read once, as the embedding."""
+        names = self._head_names()
         self._load(names)
         try:
             yield self.model
@@ -271,10 +298,11 @@ class LayerStream:
         finally:
             self._unload(names)
 
-    def save(self, tokenizer=None, extra: dict | None = None) -> None:
+    def save(self, tokenizer=None, extra: dict | None = None, more_files=None) -> None:
         """Finish the output folder like `models.save_model`: the tensors no layer wrote (embeddings,
         final norm, untied head) copied one at a time, config, tokenizer, and prunekit.json with
-        `extra` plus "fingerprint" = state_fingerprint of the whole model, computed from the files."""
+        `extra` plus "fingerprint" = state_fingerprint of the whole model, computed from the files;
+        `more_files(folder)` may add files before the folder is published."""
         if self.writer is None:
             raise RuntimeError("this stream has no out_dir")
         tmp, done = self._tmp_dir(), self.writer.written
@@ -294,6 +322,8 @@ class LayerStream:
             tokenizer.save_pretrained(tmp)
         meta = {**(extra or {}), "fingerprint": folder_state_fingerprint(tmp, self.canonical)}
         (tmp / "prunekit.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if more_files is not None:
+            more_files(tmp)
         replace_dir(tmp, self.out_dir)  # never a partial folder, even if killed here
         log.info("saved streamed model to %s", self.out_dir)
 

@@ -93,17 +93,19 @@ def layer_runner(stream, model, adapter, windows, device):
     return stream.runner(windows) if stream is not None else LayerwiseRunner(model, adapter, windows, device)
 
 
-def save_result(stream, model, tokenizer_dir: Path, out_dir: Path, extra: dict) -> None:
+def save_result(stream, model, tokenizer_dir: Path, out_dir: Path, extra: dict, more_files=None) -> None:
     """Write the modified model with prunekit.json = extra + its "fingerprint" (a stream computes
-    the same fingerprint from the files it wrote)."""
+    the same fingerprint from the files it wrote); `more_files(folder)` adds files before the
+    folder is published, so they appear together with the model or not at all."""
     from prunekit.artifacts import state_fingerprint
     from prunekit.models import load_tokenizer, save_model
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     if stream is not None:
-        stream.save(tokenizer, extra)
+        stream.save(tokenizer, extra, more_files)
     else:
-        save_model(model.cpu(), tokenizer, out_dir, extra={"fingerprint": state_fingerprint(model), **extra})
+        save_model(model.cpu(), tokenizer, out_dir, extra={"fingerprint": state_fingerprint(model), **extra},
+                   more_files=more_files)
 
 
 def require(*paths: Path) -> None:

@@ -45,9 +45,11 @@ def run(params: Params, step) -> None:
     pruned_meta = read_json(paths.pruned / "prunekit.json")
     extra = {"pruned_fingerprint": pruned_meta["fingerprint"], "quantize": q.model_dump(mode="json"),
              "enabled": True, "linears": stats, "qparams": QPARAMS}
-    save_result(stream, model, paths.pruned, paths.compressed, extra)
-    # The grids let the export stage store integer codes that read back to these exact weights.
-    save_grids(paths.compressed / QPARAMS, {f"{adapter.layers}.{key}.weight": g for key, g in grids.items()})
+    # The grids let the export stage store integer codes that read back to these exact weights;
+    # written into the folder before it is published, so a model never appears without them.
+    grid_tensors = {f"{adapter.layers}.{key}.weight": g for key, g in grids.items()}
+    save_result(stream, model, paths.pruned, paths.compressed, extra,
+                more_files=lambda folder: save_grids(folder / QPARAMS, grid_tensors))
 
 
 if __name__ == "__main__":

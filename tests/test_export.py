@@ -167,3 +167,24 @@ def test_exact_packing_of_a_pipeline_model_gives_equal_logits(tiny_models, tmp_p
     packing.unpack_to_folder(tmp_path / "exact", tmp_path / "exact_hf")
     ids = torch.randint(4, 500, (2, 40), generator=torch.Generator().manual_seed(1))
     assert torch.equal(_logits(tmp_path / "exact_hf", ids), _logits(paths.compressed, ids))
+
+
+def test_a_model_folder_appears_with_its_extra_files_or_not_at_all(tmp_path, tiny_models):
+    """The quantize stage adds its GPTQ grids to the model folder before it is published: a
+    failure while writing them leaves the previous folder as it was."""
+    from prunekit.models import load_model, load_tokenizer, save_model
+
+    model, tokenizer = load_model(str(tiny_models["llama"])), load_tokenizer(str(tiny_models["llama"]))
+    out = tmp_path / "compressed"
+    save_model(model, tokenizer, out, extra={"run": 1})
+
+    def killed(folder):
+        (folder / "qparams.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tokenizer, out, extra={"run": 2}, more_files=killed)
+    assert json.loads((out / "prunekit.json").read_text()) == {"run": 1}
+    assert not (out / "qparams.safetensors").exists()
+    save_model(model, tokenizer, out, extra={"run": 3}, more_files=lambda folder: (folder / "grids").write_text("g"))
+    assert (out / "grids").read_text() == "g" and json.loads((out / "prunekit.json").read_text()) == {"run": 3}
