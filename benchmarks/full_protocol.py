@@ -78,6 +78,7 @@ CONFIGS = {
     "owl70": ("sparsegpt", 0.7, "unstructured", "owl", "sequential", None, {}),
     "kmeans70": ("sparsegpt", 0.7, "unstructured", "kmeans", "sequential", None, {"k": 3, "spread": 0.05}),
     "ranked70": ("sparsegpt", 0.7, "unstructured", "ranked", "sequential", None, SENS_RANKED),
+    "ranked60": ("sparsegpt", 0.6, "unstructured", "ranked", "sequential", None, SENS_RANKED),
     "ranked80": ("sparsegpt", 0.8, "unstructured", "ranked", "sequential", None, SENS_RANKED),
     "measured70": ("sparsegpt", 0.7, "unstructured", "measured", "sequential", None, SENS_MEASURED),
     "measured70h": ("sparsegpt", 0.7, "unstructured", "measured", "sequential", None, {**SENS_MEASURED, "unit": "half"}),
