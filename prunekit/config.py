@@ -168,7 +168,8 @@ class EvaluateParams(_Section):
 class RuntimeParams(_Section):
     device: str = "auto"
     # Read one decoder layer at a time from the safetensors files (prunekit/streaming.py) in
-    # the hessians, prune and quantize stages: for models larger than memory; same results.
+    # the hessians, estimate, prune, quantize and evaluate stages: for models larger than
+    # memory; same results (perplexities to float rounding). Export always reads by layer.
     stream: bool = False
     # Where submitted per-layer/per-shard tasks run: Prefect's thread pool, its process pool,
     # or Dask (a LocalCluster of `workers` processes, or the scheduler at `dask_address`).

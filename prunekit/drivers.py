@@ -33,7 +33,7 @@ def call(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _loaded(stream: LayerStream | None, i: int) -> AbstractContextManager:
+def loaded(stream: LayerStream | None, i: int) -> AbstractContextManager:
     """Layer i's weights read from disk for the body, written out and freed after it
     (`streaming.LayerStream`); nothing to do for a model held in memory."""
     return nullcontext() if stream is None else stream.layer(i)
@@ -48,7 +48,7 @@ def collect_hessians(runner: LayerwiseRunner, store: HessianStore, dtype: torch.
     """
     adapter = runner.adapter
     for i in tqdm(range(len(runner)), desc="hessians", unit="layer"):
-        with _loaded(stream, i):
+        with loaded(stream, i):
             if store.has_layer(i):
                 runner.advance(i)
                 continue
@@ -129,7 +129,7 @@ def prune_model(model: nn.Module, adapter: Adapter, sparsity: dict[str, float], 
             stats.update(layer_stats)
         return stats
     for i in tqdm(range(len(layers)), desc=f"prune ({params.mode})", unit="layer"):
-        with _loaded(stream, i):
+        with loaded(stream, i):
             hessians = {k: a.H for k, a in step(runner.hessians, i, hessian_dtype).items()}
             stats.update(step(prune_layer, layers[i], i, adapter, hessians, sparsity, params))
             runner.advance(i)
@@ -186,7 +186,7 @@ def quantize_model(model: nn.Module, adapter: Adapter, runner: LayerwiseRunner, 
     stats: dict[str, dict] = {}
     layers = decoder_layers(model, adapter)
     for i in tqdm(range(len(layers)), desc="quantize", unit="layer"):
-        with _loaded(stream, i):
+        with loaded(stream, i):
             hessians = {k: a.H for k, a in step(runner.hessians, i, hessian_dtype).items()}
             for key, s in step(quantize_layer, layers[i], i, adapter, hessians, params).items():
                 grid = (s.pop("scales"), s.pop("zeros"))

@@ -128,4 +128,5 @@ class LayerwiseRunner:
     @torch.no_grad()
     def advance(self, index: int) -> None:
         """Replace the activations by layer `index`'s outputs (after it was modified)."""
-        self.inputs = [self._forward(index, x) for x in self.inputs]
+        for k, x in enumerate(self.inputs):  # in place: one window's activations more, not all of them
+            self.inputs[k] = self._forward(index, x)

@@ -12,7 +12,8 @@ Reading a code back computes (k - z) · s in fp32, the same operations as ``Quan
 so it restores GPTQ's fp32 weight exactly; `pack_state` checks that for every weight and raises
 PackingError instead of writing a lossy file. Every other tensor (embeddings, norms, biases, the
 head) is stored as fp16 (floating tensors) or as stored. The packed model is one safetensors
-file plus a JSON manifest (`MANIFEST`) that says how to read every tensor.
+file plus a JSON manifest (`MANIFEST`) that says how to read every tensor; `PackedWriter`
+writes it one part of the state at a time, `load_packed` reads it back whole or by name.
 
 Size per weight at sparsity p: 1/8 byte of mask + (1 - p)·(2 bytes fp16 | ½ byte int4) + the
 grids: at p = 0.7 with 4-bit codes ≈ 0.28 bytes against 2 bytes of fp16 (≈ 0.14×).
@@ -36,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .streaming import TensorFileWriter
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +191,16 @@ def unpack_state(packed: Mapping[str, Tensor], manifest: dict) -> dict[str, Tens
 
 def sizes(packed: Mapping[str, Tensor], manifest: dict) -> dict:
     """Tensor bytes of the packed linears and of the whole state against the same tensors in fp16."""
-    def nbytes(t: Tensor) -> int:
-        return t.numel() * t.element_size()
+    return _sizes({k: t.numel() * t.element_size() for k, t in packed.items()}, manifest)
 
+
+def _sizes(nbytes: Mapping[str, int], manifest: dict) -> dict:
+    """`sizes` from the bytes of every packed tensor, {key: bytes}."""
     entries = manifest["tensors"]
     sparse = {n for n, e in entries.items() if e["kind"] != "dense"}
     fp16 = {n: 2 * math.prod(e["shape"]) for n, e in entries.items()}
-    lin_packed = sum(nbytes(t) for k, t in packed.items() if k.split(".__")[0] in sparse and ".__" in k)
-    all_packed = sum(nbytes(t) for t in packed.values())
+    lin_packed = sum(n for k, n in nbytes.items() if k.split(".__")[0] in sparse and ".__" in k)
+    all_packed = sum(nbytes.values())
     lin_fp16 = sum(fp16[n] for n in sparse)
     all_fp16 = sum(fp16.values())
     return {
@@ -239,28 +244,69 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, Tensor]:
     return state
 
 
+class PackedWriter:
+    """A packed folder written one part of the state at a time (e.g. a decoder layer's tensors),
+    so that neither the model nor its packed form is ever whole in memory.
+
+    Example (what `save_packed` does with a whole state)::
+
+        writer = PackedWriter("packed")
+        writer.add(*pack_state(layer_tensors, linears, grids, groupsize=128))  # once per part
+        writer.close(extra_files=["config.json"])
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = TensorFileWriter(self.out_dir / WEIGHTS, metadata={"format": FORMAT})
+        self.entries: dict[str, dict] = {}  # the manifest's "tensors"
+        self.nbytes: dict[str, int] = {}  # bytes of every packed tensor
+
+    def add(self, packed: Mapping[str, Tensor], manifest: dict) -> None:
+        """Append one `pack_state` result."""
+        for key, t in packed.items():
+            self.file.write(key, t)
+            self.nbytes[key] = t.numel() * t.element_size()
+        self.entries.update(manifest["tensors"])
+
+    @property
+    def manifest(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "weights": WEIGHTS, "tensors": self.entries}
+
+    def sizes(self) -> dict:
+        """`sizes` of everything added."""
+        return _sizes(self.nbytes, self.manifest)
+
+    def close(self, extra_files: Iterable[Path] = ()) -> Path:
+        """Finish the weights file, write the manifest and copy `extra_files` (e.g. config.json)."""
+        self.file.close()
+        (self.out_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
+        for f in extra_files:
+            shutil.copy2(f, self.out_dir / Path(f).name)
+        log.info("wrote packed model to %s (%.1f MB)", self.out_dir, (self.out_dir / WEIGHTS).stat().st_size / 1e6)
+        return self.out_dir / WEIGHTS
+
+
 def save_packed(out_dir: str | Path, packed: Mapping[str, Tensor], manifest: dict,
                 extra_files: Iterable[Path] = ()) -> Path:
     """Write the packed weights, the manifest and `extra_files` (e.g. config.json) into out_dir."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(dict(packed), out_dir / WEIGHTS, metadata={"format": FORMAT})
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    for f in extra_files:
-        shutil.copy2(f, out_dir / Path(f).name)
-    log.info("wrote packed model to %s (%.1f MB)", out_dir, (out_dir / WEIGHTS).stat().st_size / 1e6)
-    return out_dir / WEIGHTS
+    writer = PackedWriter(out_dir)
+    writer.add(packed, manifest)
+    return writer.close(extra_files)
 
 
-def load_packed(folder: str | Path) -> dict[str, Tensor]:
-    """The unpacked state dict of a packed folder (see `save_packed`)."""
-    from safetensors.torch import load_file
+def load_packed(folder: str | Path, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """The unpacked state dict of a packed folder (see `save_packed`), or only its tensors `names`
+    (read alone from the weights file)."""
+    from safetensors import safe_open
 
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    return unpack_state(load_file(folder / manifest["weights"]), manifest)
+    if names is not None:
+        manifest["tensors"] = {n: manifest["tensors"][n] for n in names}
+    with safe_open(folder / manifest["weights"], "pt") as f:
+        packed = {k: f.get_tensor(k) for k in f.keys() if k.split(".__")[0] in manifest["tensors"]}
+    return unpack_state(packed, manifest)
 
 
 def unpack_to_folder(folder: str | Path, out_dir: str | Path) -> Path:

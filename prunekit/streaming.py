@@ -9,8 +9,7 @@ the current step needs is read from disk:
 - decoder layer i, while the loop works on it (`LayerStream.layer`): its tensors are read
   from the (sharded) safetensors files, the Hessians are accumulated or the layer is pruned,
   the layer is written to an output shard when the stage produces a model, and its
-  parameters go back to meta.
-
+  parameters go back to meta;
 - the final norm(s) and the LM head (`LayerStream.head`), which only evaluation needs (the
   head is read as the embedding when the two are tied).
 
@@ -43,6 +42,7 @@ import hashlib
 import json
 import logging
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +64,7 @@ REST_SHARD_BYTES = 256 << 20  # outside tensors are gathered into shards of abou
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                  "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPE_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
 class CheckpointReader:
@@ -163,6 +164,54 @@ class ShardWriter:
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+class TensorFileWriter:
+    """One safetensors file written a tensor at a time, for outputs too large to hold at once.
+
+    Tensor bytes go to one temporary part file per dtype as they come; `close` writes the
+    header (name -> dtype, shape, byte range) and then the parts, widest dtype first, so that
+    every tensor starts aligned to its element size as in safetensors' own files. Readable by
+    `safe_open` / `safetensors.torch.load_file`.
+    """
+
+    def __init__(self, path: str | Path, metadata: dict[str, str] | None = None):
+        self.path, self.metadata = Path(path), metadata
+        self._parts: dict[torch.dtype, tuple] = {}  # dtype -> (open part file, [(name, shape, bytes)])
+        self._names: set[str] = set()
+
+    def _part_path(self, dtype: torch.dtype) -> Path:
+        return self.path.with_name(f"{self.path.name}.{_DTYPE_NAMES[dtype]}.part")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype not in self._parts:
+            self._parts[t.dtype] = (open(self._part_path(t.dtype), "wb"), [])
+        part, entries = self._parts[t.dtype]
+        part.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        entries.append((name, list(t.shape), t.numel() * t.element_size()))
+
+    def close(self) -> None:
+        order = sorted(self._parts, key=lambda dtype: (-dtype.itemsize, _DTYPE_NAMES[dtype]))
+        header: dict = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for dtype in order:
+            part, entries = self._parts[dtype]
+            part.close()
+            for name, shape, size in entries:
+                header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+                offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            for dtype in order:
+                with open(self._part_path(dtype), "rb") as part:
+                    shutil.copyfileobj(part, out, CHUNK_BYTES)
+                self._part_path(dtype).unlink()
+
+
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = root.get_submodule(module_name)
@@ -207,6 +256,8 @@ class LayerStream:
         self._aliases: dict[str, list[str]] = {}
         for name, canonical in self.canonical.items():
             self._aliases.setdefault(canonical, []).append(name)
+        # Before any load: loading replaces the parameter objects that _outside_names tells apart by id.
+        self._outside = self._outside_names()
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.writer = None
         if self.out_dir is not None:
@@ -253,7 +304,7 @@ class LayerStream:
     @contextmanager
     def outside_layers(self) -> Iterator[nn.Module]:
         """Load everything of the base model but the decoder layers (to capture layer 0's inputs)."""
-        names = self._outside_names()
+        names = self._outside
         self._load(names)
         try:
             yield self.model

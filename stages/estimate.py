@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from prunekit import plots
 from prunekit.artifacts import write_atomic
 from prunekit.config import Params
+from prunekit.drivers import loaded
 from prunekit.estimate import estimate_layer
 from prunekit.hessian_store import HessianStore
-from prunekit.models import adapter_for, decoder_layers, layer_linears, load_model
-from stages.common import Paths, main, model_fingerprint
+from prunekit.models import decoder_layers, layer_linears
+from stages.common import Paths, main, model_fingerprint, open_model
 
 
 def check(params: Params) -> None:
@@ -23,14 +25,15 @@ def needs(paths: Paths) -> list:
 
 def run(params: Params, step) -> None:
     paths, e = Paths.of(params), params.estimate
-    model = load_model(str(paths.model))
-    adapter = adapter_for(model)
+    stream, model, adapter = open_model(params, paths.model, torch.device("cpu"))  # streamed: one layer at a time
     store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model))
     rows = []
-    for i, layer in enumerate(tqdm(decoder_layers(model, adapter), desc="estimate", unit="layer")):
-        weights = {name: lin.weight.data for name, lin in layer_linears(layer, adapter).items()}
-        hessians = store.hessians(i)
-        rows += step(estimate_layer, i, weights, adapter.groups, hessians, e.grid, e.percdamp, e.owl_m)
+    layers = decoder_layers(model, adapter)
+    for i in tqdm(range(len(layers)), desc="estimate", unit="layer"):
+        with loaded(stream, i):
+            weights = {name: lin.weight.data for name, lin in layer_linears(layers[i], adapter).items()}
+            hessians = store.hessians(i)
+            rows += step(estimate_layer, i, weights, adapter.groups, hessians, e.grid, e.percdamp, e.owl_m)
     df = pd.DataFrame(rows)
     write_atomic(paths.estimates, df.to_parquet(index=False))
     plots.estimated_loss(df, paths.reports / "plots" / "estimated_loss.png")

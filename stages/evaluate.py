@@ -10,8 +10,8 @@ from prunekit.artifacts import read_json, write_json
 from prunekit.config import ConfigError, Params
 from prunekit.data import WIKITEXT, bos_id
 from prunekit.evaluate import evaluate_model, protocol
-from prunekit.models import load_model, load_tokenizer, max_positions, pick_device
-from stages.common import Paths, log, main
+from prunekit.models import load_tokenizer, max_positions, pick_device
+from stages.common import Paths, log, main, open_model
 
 VARIANTS = ("dense", "pruned", "compressed")
 
@@ -40,10 +40,11 @@ def run(params: Params, step, variant: str = "dense") -> None:
     if limit is not None and e.seqlen > limit:
         raise ConfigError(f"evaluate.seqlen {e.seqlen} exceeds the model's limit of {limit} positions")
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir), device=pick_device(params.runtime.device))
+    # streamed: the windows go through one decoder layer at a time, read from model_dir's files
+    stream, model, _ = open_model(params, model_dir, pick_device(params.runtime.device))
     log.info("evaluating the %s model (%s) on %s: %d-token windows, %s", variant, model_dir, ", ".join(e.datasets),
              e.seqlen, "all windows" if e.max_windows is None else f"at most {e.max_windows} windows")
-    results = evaluate_model(model, tokenizer, e.datasets, e.seqlen, e.max_windows, e.batch_size)
+    results = evaluate_model(model, tokenizer, e.datasets, e.seqlen, e.max_windows, e.batch_size, stream=stream)
     for name, r in results.items():
         log.info("%s %s ppl %.3f over %d tokens", variant, name, r["ppl"], r["tokens"])
     write_json(out, {

@@ -12,19 +12,28 @@ It has two export forms:
   4-bit GPTQ codes (or fp16 values when not quantized), everything else fp16 — plus manifest.json
   and config.json; `prunekit.packing.load_packed` / `unpack_to_folder` read it back. The stage
   reads it back once and fails if a quantized weight does not come back bit-identical.
+
+Packing and the check read the model one decoder layer at a time (and every other tensor on
+its own) from its safetensors files, and the packed file is written as it goes
+(`packing.PackedWriter`): memory holds about one layer, never the model, with or without
+`runtime.stream`, so there is one export path and its output does not depend on that flag.
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from prunekit import packing
 from prunekit.artifacts import read_json, replace_dir, sha256_file, write_atomic, write_json
 from prunekit.config import ConfigError, Params
-from prunekit.models import ADAPTERS
+from prunekit.models import ADAPTERS, Adapter
+from prunekit.streaming import CheckpointReader
 from stages.common import Paths, log, main
 from stages.quantize import QPARAMS
 
@@ -65,42 +74,68 @@ def run(params: Params, step) -> None:
     })
 
 
-def decoder_linears(tensors: dict, model_type: str) -> list[str]:
-    """Names of the decoder linears' weights in a saved state (from the adapter table)."""
+def _adapter(model_type: str) -> Adapter:
     adapter = ADAPTERS.get(model_type)
     if adapter is None:
         raise ConfigError(f"cannot export architecture {model_type!r}")
+    return adapter
+
+
+def decoder_linears(names: Iterable[str], model_type: str) -> list[str]:
+    """Names of the decoder linears' weights among a saved state's tensor names (from the adapter table)."""
+    adapter = _adapter(model_type)
     pattern = re.compile(rf"{re.escape(adapter.layers)}\.\d+\.({'|'.join(map(re.escape, adapter.linears))})\.weight")
-    names = [n for n in tensors if pattern.fullmatch(n)]
-    if not names:
+    linears = [n for n in names if pattern.fullmatch(n)]
+    if not linears:
         raise ConfigError(f"no decoder linears found in the saved model ({model_type})")
-    return names
+    return linears
+
+
+def read_batches(names: Iterable[str], model_type: str) -> list[list[str]]:
+    """The saved tensors in the groups that are read together: every decoder layer's tensors,
+    in layer order, then each other tensor alone (the embedding may be the largest of all).
+    Sorted by name within a group, so the packed file does not depend on the sharding."""
+    layer = re.compile(rf"{re.escape(_adapter(model_type).layers)}\.(\d+)\.")
+    layers: dict[int, list[str]] = {}
+    rest = []
+    for name in sorted(names):
+        match = layer.match(name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(name)
+        else:
+            rest.append([name])
+    return [layers[i] for i in sorted(layers)] + rest
 
 
 def _pack(source: Path, out: Path, quant: dict | None) -> dict:
-    """Pack the model in `source` into `out`, read it back, and measure sizes."""
+    """Pack the model in `source` into `out`, read it back, and measure sizes; one batch of
+    tensors (`read_batches`) in memory at a time."""
     config = read_json(source / "config.json")
-    tensors = packing.read_safetensors_folder(source)
-    linears = decoder_linears(tensors, config["model_type"])
+    reader = CheckpointReader(source)
+    linears = set(decoder_linears(reader.weight_map, config["model_type"]))
+    batches = read_batches(reader.weight_map, config["model_type"])
     grids = packing.load_grids(source / QPARAMS) if quant is not None else None
     bits, groupsize = (quant["bits"], quant["groupsize"]) if quant is not None else (4, None)
     log.info("packing %d decoder linears (%s) and %d other tensors", len(linears),
-             f"{bits}-bit codes" if quant else "fp16 values", len(tensors) - len(linears))
-    packed, manifest = packing.pack_state(tensors, linears, grids, bits=bits, groupsize=groupsize)
+             f"{bits}-bit codes" if quant else "fp16 values", len(reader.weight_map) - len(linears))
+    writer = packing.PackedWriter(out)
+    for batch in tqdm(batches, desc="pack", unit="part"):
+        writer.add(*packing.pack_state(reader.read(batch), [n for n in batch if n in linears], grids, bits=bits,
+                                       groupsize=groupsize))
     extra = [source / n for n in ("config.json", "generation_config.json") if (source / n).is_file()]
-    weights = packing.save_packed(out, packed, manifest, extra_files=extra)
+    weights = writer.close(extra_files=extra)
 
-    log.info("reading the packed model back to check it")
-    restored = packing.load_packed(out)
-    for name, t in tensors.items():
-        expected = t if (quant is not None and name in linears) or not t.is_floating_point() \
-            else t.to(torch.float16).to(t.dtype)
-        if not torch.equal(restored[name], expected):
-            raise packing.PackingError(f"{name} does not read back from the packed file as written")
+    for batch in tqdm(batches, desc="check packed", unit="part"):
+        restored = packing.load_packed(out, batch)
+        for name, t in reader.read(batch).items():
+            expected = t if (quant is not None and name in linears) or not t.is_floating_point() \
+                else t.to(torch.float16).to(t.dtype)
+            if not torch.equal(restored[name], expected):
+                raise packing.PackingError(f"{name} does not read back from the packed file as written")
 
-    sizes = packing.sizes(packed, manifest)
-    nnz = sum(manifest["tensors"][n]["nnz"] for n in linears)
-    numel = sum(tensors[n].numel() for n in linears)
+    sizes = writer.sizes()
+    nnz = sum(writer.entries[n]["nnz"] for n in linears)
+    numel = sum(math.prod(writer.entries[n]["shape"]) for n in linears)
     stored = sum(f.stat().st_size for f in source.glob("model*.safetensors"))
     fp16_file = sizes["tensors"]["fp16_bytes"]
     return {

@@ -8,7 +8,8 @@ import yaml
 from conftest import tiny_params
 from prunekit.artifacts import state_fingerprint
 from prunekit.config import Params, PruneParams
-from prunekit.drivers import collect_hessians, prune_model
+from prunekit.drivers import call, collect_hessians, prune_model
+from prunekit.evaluate import perplexity
 from prunekit.hessian_store import HessianStore
 from prunekit.layerwise import LayerwiseRunner
 from prunekit.models import adapter_for, load_model, load_tokenizer, prunable_parameters, save_model
@@ -55,6 +56,33 @@ def test_only_the_current_layer_is_in_memory(tiny_models):
         with stream.layer(i) as layer:
             expected = {f"model.layers.{i}.{n}" for n, _ in layer.named_parameters()}
             assert loaded_params(stream.model) == expected
+    assert not loaded_params(stream.model)
+
+
+@pytest.mark.parametrize("model_type", ["opt", "llama", "gemma3_text"])  # tied head, untied, tied + rotary
+def test_streamed_perplexity_equals_in_memory(model_type, tiny_models, tmp_path):
+    model_dir = tiny_models[model_type]
+    dense = perplexity(load_model(str(model_dir)), windows(), batch_size=2)
+    stream = LayerStream(model_dir, CPU)
+    streamed = perplexity(stream.model, windows(), stream=stream)
+    assert not loaded_params(stream.model)
+    assert perplexity(stream.model, windows(), stream=stream) == streamed  # a stream serves several passes
+    assert streamed["tokens"] == dense["tokens"] == 4 * 31
+    assert streamed["nll"] == pytest.approx(dense["nll"], rel=1e-5)
+    assert streamed["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type,names", [
+    ("llama", {"model.norm.weight", "lm_head.weight"}),
+    ("opt", {"model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias",
+             "lm_head.weight", "model.decoder.embed_tokens.weight"}),  # tied: the head is the embedding
+])
+def test_head_loads_the_final_norm_and_the_head_only(model_type, names, tiny_models):
+    model = load_model(str(tiny_models[model_type]))
+    stream = LayerStream(tiny_models[model_type], CPU)
+    with stream.head() as skeleton:
+        assert loaded_params(skeleton) == names
+        assert torch.equal(skeleton.lm_head.weight, model.lm_head.weight)
     assert not loaded_params(stream.model)
 
 
@@ -115,12 +143,18 @@ def test_stream_reads_a_sharded_checkpoint(tiny_models, tmp_path):
     assert all(torch.equal(dense[k].H, streamed[k].H) for k in dense)
 
 
-def run_stages(model_dir, root, stream: bool) -> dict:
-    """prepare_model, calibrate, hessians, prune and quantize stages in `root` (uniform schedule)."""
+def run_stages(model_dir, root, stream: bool):
+    """Every stage from prepare_model to export, with evaluate of the three models, in `root`
+    (uniform schedule instead of the schedule stage); returns the run's Paths. With `stream`,
+    every stage after calibrate runs without ever loading the whole model."""
     import os
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM
 
     from prunekit.artifacts import write_json
-    from stages import calibrate, hessians, prepare_model, prune, quantize
+    from stages import calibrate, estimate, evaluate, export, hessians, prepare_model, prune, quantize
     from stages.common import Paths
 
     params = Params.model_validate(tiny_params(model_dir, runtime={"device": "cpu", "stream": stream}))
@@ -129,31 +163,98 @@ def run_stages(model_dir, root, stream: bool) -> dict:
     os.chdir(root)
     try:
         (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
-        for stage in (prepare_model, calibrate, hessians):
+        for stage in (prepare_model, calibrate):
             stage.check(params)
-            stage.run(params, lambda fn, *a, **k: fn(*a, **k))
+            stage.run(params, call)
         paths = Paths.of(params)
         model = load_model(str(paths.model))
         write_json(paths.schedule, {"sparsity": dict.fromkeys(prunable_parameters(model, adapter_for(model)), 0.7)})
-        for stage in (prune, quantize):
-            stage.run(params, lambda fn, *a, **k: fn(*a, **k))
+        whole_model = mock.patch.object(AutoModelForCausalLM, "from_pretrained",
+                                        side_effect=AssertionError("a streamed stage loaded the whole model"))
+        with whole_model if stream else nullcontext():
+            for stage in (hessians, estimate, prune, quantize, export):
+                stage.check(params)
+                stage.run(params, call)
+            for variant in evaluate.VARIANTS:
+                evaluate.run(params, call, variant)
     finally:
         os.chdir(cwd)
-    return {"pruned": paths.pruned, "hessians": paths.hessians, "compressed": paths.compressed}
+    return paths
 
 
 def test_stream_param_in_the_stages(tiny_models, tmp_path):
+    import pandas as pd
+
+    from prunekit.packing import MANIFEST, WEIGHTS
+
     memory = run_stages(tiny_models["opt"], tmp_path / "memory", stream=False)
     streamed = run_stages(tiny_models["opt"], tmp_path / "streamed", stream=True)
     for out in ("pruned", "compressed"):
-        assert (memory[out] / "prunekit.json").read_text() == (streamed[out] / "prunekit.json").read_text(), out
-    assert (memory["compressed"] / "qparams.safetensors").read_bytes() == \
-        (streamed["compressed"] / "qparams.safetensors").read_bytes()
-    meta = [json.loads((out["pruned"] / "prunekit.json").read_text()) for out in (memory, streamed)]
-    a = HessianStore.open_for_reading(memory["hessians"], meta[0]["dense_fingerprint"])
-    b = HessianStore.open_for_reading(streamed["hessians"], meta[1]["dense_fingerprint"])
+        a, b = getattr(memory, out), getattr(streamed, out)
+        assert (a / "prunekit.json").read_text() == (b / "prunekit.json").read_text(), out
+    assert (memory.compressed / "qparams.safetensors").read_bytes() == \
+        (streamed.compressed / "qparams.safetensors").read_bytes()
+    meta = [json.loads((out.pruned / "prunekit.json").read_text()) for out in (memory, streamed)]
+    a = HessianStore.open_for_reading(memory.hessians, meta[0]["dense_fingerprint"])
+    b = HessianStore.open_for_reading(streamed.hessians, meta[1]["dense_fingerprint"])
     for i in range(3):
         assert all(torch.equal(h, b.read_layer(i)[k][0]) for k, (h, _) in a.read_layer(i).items())
+
+    pd.testing.assert_frame_equal(pd.read_parquet(memory.estimates), pd.read_parquet(streamed.estimates))
+
+    for variant in ("dense", "pruned", "compressed"):
+        a, b = (json.loads((out.reports / "metrics" / f"{variant}.json").read_text()) for out in (memory, streamed))
+        assert {k: v for k, v in a.items() if k not in ("ppl", "details")} == \
+            {k: v for k, v in b.items() if k not in ("ppl", "details")}
+        assert a["ppl"].keys() == b["ppl"].keys() == {"wikitext2", "c4"}
+        for name in a["ppl"]:
+            assert b["details"][name] == pytest.approx(a["details"][name], rel=1e-5), (variant, name)
+
+    # The export reads the sharded streamed model and the single-file in-memory one alike.
+    for name in (WEIGHTS, MANIFEST, "config.json"):
+        assert (memory.export / "packed" / name).read_bytes() == (streamed.export / "packed" / name).read_bytes()
+    a, b = (json.loads((out.export / "export.json").read_text()) for out in (memory, streamed))
+    for summary in (a, b):  # the stored files themselves differ: one file against one shard per layer
+        del summary["hf_sha256"], summary["bytes"]["stored_files"]
+    assert a == b
+
+
+def test_tensor_file_writer_round_trips_and_aligns(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from prunekit.streaming import TensorFileWriter
+
+    tensors = {"mask": torch.arange(7, dtype=torch.uint8), "w": torch.randn(3, 5), "h": torch.randn(9).half(),
+               "flag": torch.tensor(True), "empty": torch.zeros(0, 4), "ids": torch.arange(3)}
+    writer = TensorFileWriter(tmp_path / "t.safetensors", metadata={"format": "test"})
+    for name, t in tensors.items():
+        writer.write(name, t)
+    with pytest.raises(ValueError, match="twice"):
+        writer.write("w", tensors["w"])
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]  # the part files are gone
+    loaded = load_file(tmp_path / "t.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], t) for k, t in tensors.items())
+    with safe_open(tmp_path / "t.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "test"}
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0
+    for name, entry in json.loads(raw[8 : 8 + n]).items():
+        if name != "__metadata__":
+            assert entry["data_offsets"][0] % tensors[name].element_size() == 0, name
+
+
+def test_packed_tensors_read_back_by_name(tmp_path):
+    from prunekit import packing
+
+    W = torch.randn(8, 16) * (torch.rand(8, 16) > 0.7)
+    state = {"lin": W, "emb": torch.randn(4, 3), "lin2": W.T.contiguous()}
+    packing.save_packed(tmp_path, *packing.pack_state(state, ["lin", "lin2"], float_dtype=None))
+    assert packing.load_packed(tmp_path, ["lin2", "emb"]).keys() == {"lin2", "emb"}
+    assert all(torch.equal(packing.load_packed(tmp_path, [n])[n], t) for n, t in state.items())
+    assert all(torch.equal(packing.load_packed(tmp_path)[n], t) for n, t in state.items())
 
 
 def test_reader_chunks_and_writer_index(tmp_path):
