@@ -59,6 +59,9 @@ def build(size: str, folder: Path, dtype: str) -> None:
     model.save_pretrained(folder, max_shard_size="200MB")
 
 
+TASKS = ("floor", "hessians_memory", "hessians_stream", "prune_stream")
+
+
 def child(task: str, folder: Path, work: Path, nsamples: int, seqlen: int, prune_layers: int | None) -> dict:
     """One measured run; returns its timings (the parent adds the peak RSS it reads)."""
     import torch
@@ -142,6 +145,8 @@ def main() -> None:
     parser.add_argument("--prune-layers", type=int, default=None,
                         help="prune only the first N layers (SparseGPT dominates the time; every layer of a "
                              "size costs the same, so N layers give its peak RSS and time per layer)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
+                        help="runs to measure (default: all; the ratios need floor and both Hessian runs)")
     parser.add_argument("--json", type=Path, default=ROOT / "reports" / "bench_streaming.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--build", help=argparse.SUPPRESS)
@@ -160,7 +165,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    tasks = ["floor", "hessians_memory", "hessians_stream", "prune_stream"]
+    tasks = [t for t in TASKS if t in args.tasks]
     results = {}
     for size in args.sizes:
         folder = args.root / f"opt-{size}-{args.dtype}"
@@ -177,12 +182,15 @@ def main() -> None:
         runs = {task: measure(task, folder, work, args) for task in tasks}
         shutil.rmtree(work, ignore_errors=True)
         results[size] = {"disk_bytes": disk, "dtype_on_disk": args.dtype, "runs": runs}
-        peak = max(r["peak_rss"] for t, r in runs.items() if t.endswith("stream"))
-        print(f"  streamed peak / size on disk = {peak / disk:.2f}; streamed / in-memory Hessians peak = "
-              f"{runs['hessians_stream']['peak_rss'] / runs['hessians_memory']['peak_rss']:.2f}; "
-              f"above the import floor: {(peak - runs['floor']['peak_rss']) / GiB:.2f} GiB", flush=True)
+        if set(TASKS) <= set(runs):
+            peak = max(r["peak_rss"] for t, r in runs.items() if t.endswith("stream"))
+            print(f"  streamed peak / size on disk = {peak / disk:.2f}; streamed / in-memory Hessians peak = "
+                  f"{runs['hessians_stream']['peak_rss'] / runs['hessians_memory']['peak_rss']:.2f}; "
+                  f"above the import floor: {(peak - runs['floor']['peak_rss']) / GiB:.2f} GiB", flush=True)
+        for task in runs:
+            print(f"  {task}: peak RSS / size on disk = {runs[task]['peak_rss'] / disk:.2f}", flush=True)
 
-    if len(results) > 1:
+    if len(results) > 1 and set(TASKS) <= set(tasks):
         first, last = args.sizes[0], args.sizes[-1]
         a, b = results[first], results[last]
         print(f"\nfrom opt-{first} to opt-{last}: size on disk x{b['disk_bytes'] / a['disk_bytes']:.2f}")
