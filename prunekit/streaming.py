@@ -27,8 +27,9 @@ Checkpoint names must be the model's state-dict names, as `save_pretrained` writ
 prepare_model stage's output); a checkpoint whose names `from_pretrained` would have to
 rewrite (legacy prefixes, weight conversions) is refused with a ConfigError naming them.
 
-The pipeline turns it on with `runtime.stream: true` (hessians, estimate, prune, quantize and
-evaluate stages; `prunekit.evaluate.streamed_nll` is the perplexity pass).
+The pipeline turns it on with `runtime.stream: true` (prepare_model, hessians, estimate, prune,
+quantize and evaluate stages; `prunekit.evaluate.streamed_nll` is the perplexity pass;
+prepare_model copies a safetensors source folder layer by layer, checking every tensor read).
 Example (what stages/prune.py does, sequential mode)::
 
     stream = LayerStream("data/models/opt-1.3b", torch.device("cpu"), out_dir="data/pruned/opt-1.3b")
@@ -43,7 +44,7 @@ import json
 import logging
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -222,16 +223,26 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
+def _generation_config(folder: Path):
+    """The generation config `from_pretrained` gives the model in `folder`: its own file, else config.json's."""
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(folder)
+    return GenerationConfig.from_pretrained(folder, config_file_name="config.json", _from_model_config=True)
+
+
 class LayerStream:
     """A meta-device skeleton of the model in `model_dir` whose weights are read on demand.
 
     device: where loaded tensors go (the layer loops run there); dtype: floating tensors are
     cast to it on read, as `load_model` does. out_dir: when given, every layer leaving
     `layer(i)` is written there (into `<out_dir>.tmp` until `save` renames it).
+    check(name, tensor): called with every tensor read, after the cast (e.g. to refuse NaNs).
     """
 
     def __init__(self, model_dir: str | Path, device: torch.device, *, dtype: torch.dtype = torch.float32,
-                 out_dir: str | Path | None = None):
+                 out_dir: str | Path | None = None, check: Callable[[str, torch.Tensor], None] | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -242,6 +253,8 @@ class LayerStream:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.tie_weights()  # under init_empty_weights the tie is not made; save_pretrained relies on it
         model.config.use_cache = False
+        if model.can_generate():
+            model.generation_config = _generation_config(self.model_dir)
         self.model = model.eval()
         self.adapter = adapter_for(model)
         self.layers = decoder_layers(model, self.adapter)
@@ -256,8 +269,14 @@ class LayerStream:
         self._aliases: dict[str, list[str]] = {}
         for name, canonical in self.canonical.items():
             self._aliases.setdefault(canonical, []).append(name)
+        missing = [n for n in self._own_names("") if isinstance(self._targets[n], nn.Parameter)
+                   and n not in self.reader]
+        if missing:
+            raise ConfigError(f"{self.model_dir}: checkpoint lacks {missing[:3]} (streaming needs the model's "
+                              "state-dict names, as save_pretrained writes them; runtime.stream: false converts it)")
         # Before any load: loading replaces the parameter objects that _outside_names tells apart by id.
         self._outside = self._outside_names()
+        self.check = check
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.writer = None
         if self.out_dir is not None:
@@ -269,14 +288,13 @@ class LayerStream:
 
     def _read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Checkpoint tensors cast like load_model; a buffer the checkpoint lacks keeps its init."""
-        missing = [n for n in names if n not in self.reader and isinstance(self._targets[n], nn.Parameter)]
-        if missing:
-            raise ConfigError(f"{self.model_dir}: checkpoint lacks {missing[:3]}")
         found = self.reader.read([n for n in names if n in self.reader])
         out = {}
         for name in names:
             target = self._targets[name]
             value = found[name].to(dtype=target.dtype) if name in found else target.detach()
+            if self.check is not None:
+                self.check(name, value)
             out[name] = value.to(device)
         return out
 
@@ -377,6 +395,11 @@ class LayerStream:
             more_files(tmp)
         replace_dir(tmp, self.out_dir)  # never a partial folder, even if killed here
         log.info("saved streamed model to %s", self.out_dir)
+
+    def discard(self) -> None:
+        """Remove the unfinished output (after a failure; `save` publishes it otherwise)."""
+        if self.out_dir is not None:
+            shutil.rmtree(self._tmp_dir(), ignore_errors=True)
 
 
 def folder_state_fingerprint(folder: str | Path, canonical: dict[str, str]) -> str:

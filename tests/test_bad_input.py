@@ -205,6 +205,12 @@ CASES = {
                                      "data/models/other", "_gpt2"),
     "NaN weights": Case("prepare_model", {}, "has NaN or inf weights in model.layers.1.mlp.up_proj.weight",
                         "data/models/nan", "_nan_weights"),
+    "NaN weights, streamed": Case("prepare_model", {"runtime": {"stream": True}},
+                                  "has NaN or inf weights in model.layers.1.mlp.up_proj.weight", "data/models/nan",
+                                  "_nan_weights"),
+    "unsupported architecture, streamed": Case("prepare_model",
+                                               {"model": {"name": "other"}, "runtime": {"stream": True}},
+                                               "unsupported architecture 'gpt2'", "data/models/other", "_gpt2"),
     # calibration
     "no samples": Case("calibrate", {"calibration": {**FRESH, "nsamples": 0}}, "invalid parameter calibration.nsamples",
                        "data/calib/tiny__fresh.parquet"),

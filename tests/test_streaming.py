@@ -1,5 +1,9 @@
 """Layer streaming (prunekit/streaming.py): bit-identical to the in-memory path, one layer at a time."""
 import json
+import os
+import re
+import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -7,13 +11,13 @@ import yaml
 
 from conftest import tiny_params
 from prunekit.artifacts import state_fingerprint
-from prunekit.config import Params, PruneParams
+from prunekit.config import ConfigError, Params, PruneParams
 from prunekit.drivers import call, collect_hessians, prune_model
 from prunekit.evaluate import perplexity
 from prunekit.hessian_store import HessianStore
 from prunekit.layerwise import LayerwiseRunner
 from prunekit.models import adapter_for, load_model, load_tokenizer, prunable_parameters, save_model
-from prunekit.streaming import INDEX_FILE, LayerStream
+from prunekit.streaming import INDEX_FILE, CheckpointReader, LayerStream
 
 CPU = torch.device("cpu")
 
@@ -26,6 +30,14 @@ def windows(n: int = 4, seqlen: int = 32) -> torch.Tensor:
 
 def loaded_params(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.device.type != "meta"}
+
+
+def no_whole_model():
+    """Every from_pretrained of a model (load_model's included) fails while this patch is active."""
+    from transformers import PreTrainedModel
+
+    return mock.patch.object(PreTrainedModel, "from_pretrained",
+                             side_effect=AssertionError("a streamed stage loaded the whole model"))
 
 
 @pytest.mark.parametrize("model_type", ["opt", "llama", "gemma3_text"])  # tied head, untied, tied + rotary
@@ -146,12 +158,8 @@ def test_stream_reads_a_sharded_checkpoint(tiny_models, tmp_path):
 def run_stages(model_dir, root, stream: bool):
     """Every stage from prepare_model to export, with evaluate of the three models, in `root`
     (uniform schedule instead of the schedule stage); returns the run's Paths. With `stream`,
-    every stage after calibrate runs without ever loading the whole model."""
-    import os
+    no stage ever loads the whole model."""
     from contextlib import nullcontext
-    from unittest import mock
-
-    from transformers import AutoModelForCausalLM
 
     from prunekit.artifacts import write_json
     from stages import calibrate, estimate, evaluate, export, hessians, prepare_model, prune, quantize
@@ -163,15 +171,14 @@ def run_stages(model_dir, root, stream: bool):
     os.chdir(root)
     try:
         (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
-        for stage in (prepare_model, calibrate):
-            stage.check(params)
-            stage.run(params, call)
         paths = Paths.of(params)
-        model = load_model(str(paths.model))
-        write_json(paths.schedule, {"sparsity": dict.fromkeys(prunable_parameters(model, adapter_for(model)), 0.7)})
-        whole_model = mock.patch.object(AutoModelForCausalLM, "from_pretrained",
-                                        side_effect=AssertionError("a streamed stage loaded the whole model"))
-        with whole_model if stream else nullcontext():
+        with no_whole_model() if stream else nullcontext():
+            for stage in (prepare_model, calibrate):
+                stage.check(params)
+                stage.run(params, call)
+            skeleton = LayerStream(paths.model, CPU)  # the schedule needs the shapes only
+            sparsity = dict.fromkeys(prunable_parameters(skeleton.model, skeleton.adapter), 0.7)
+            write_json(paths.schedule, {"sparsity": sparsity})
             for stage in (hessians, estimate, prune, quantize, export):
                 stage.check(params)
                 stage.run(params, call)
@@ -217,6 +224,89 @@ def test_stream_param_in_the_stages(tiny_models, tmp_path):
     for summary in (a, b):  # the stored files themselves differ: one file against one shard per layer
         del summary["hf_sha256"], summary["bytes"]["stored_files"]
     assert a == b
+
+
+def prepare(source, root, stream: bool):
+    """The prepare_model stage on `source`, run in `root`; returns the prepared model's folder."""
+    from stages import prepare_model
+    from stages.common import Paths
+
+    params = Params.model_validate(tiny_params(source, runtime={"device": "cpu", "stream": stream}))
+    root.mkdir()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        prepare_model.run(params, call)
+    finally:
+        os.chdir(cwd)
+    return Paths.of(params, root).model
+
+
+@pytest.mark.parametrize("model_type,variant", [("opt", "as saved"), ("llama", "as saved"),
+                                                ("llama", "bf16 shards")])
+def test_streamed_prepare_equals_in_memory(model_type, variant, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_models[model_type]
+    if variant == "bf16 shards":  # cast to float32 on read, like load_model; its own generation config
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+        model.generation_config.update(do_sample=True, temperature=0.7)
+        model.save_pretrained(tmp_path / "source", max_shard_size="40KB")
+        load_tokenizer(str(source)).save_pretrained(tmp_path / "source")
+        source = tmp_path / "source"
+        assert (source / INDEX_FILE).is_file()
+    memory = prepare(source, tmp_path / "memory", stream=False)
+    with no_whole_model():
+        streamed = prepare(source, tmp_path / "streamed", stream=True)
+    assert (streamed / INDEX_FILE).is_file() and not streamed.with_name(streamed.name + ".tmp").exists()
+    for name in ("prunekit.json", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (memory / name).read_text() == (streamed / name).read_text(), name  # fingerprint included
+    assert json.loads((streamed / "prunekit.json").read_text()).keys() == {"source", "fingerprint", "model_type",
+                                                                          "n_layers"}
+    # The same tensors stored (a tied head once, as the embedding), loading to the same model.
+    assert CheckpointReader(memory).weight_map.keys() == CheckpointReader(streamed).weight_map.keys()
+    a, b = (load_model(str(folder)).state_dict() for folder in (memory, streamed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"])  # layer; rest
+def test_streamed_prepare_refuses_nan_weights(bad, tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "nan"
+    shutil.copytree(tiny_models["llama"], source)
+    tensors = load_file(source / "model.safetensors")
+    tensors[bad][3, 5] = float("nan")
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    message = f"model {source} has NaN or inf weights in {bad}; refusing to prepare it"
+    with no_whole_model(), pytest.raises(ConfigError, match=re.escape(message)):
+        prepare(source, tmp_path / "run", stream=True)
+    models = tmp_path / "run" / "data" / "models"
+    assert not models.exists() or not any(models.iterdir())  # neither the model nor its temporary folder
+
+
+def test_prepare_streams_local_safetensors_only(tiny_models, tmp_path):
+    from stages.prepare_model import why_not_streamed
+
+    assert why_not_streamed(str(tiny_models["llama"])) is None
+    (tmp_path / "model.gguf").touch()
+    assert "GGUF" in why_not_streamed(str(tmp_path / "model.gguf"))
+    assert "hub id" in why_not_streamed("facebook/opt-125m")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "bin")
+    assert "no safetensors" in why_not_streamed(str(tmp_path / "bin"))
+
+
+def test_stream_refuses_checkpoint_names_it_does_not_know(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "legacy"  # OPT's hub checkpoints lack the "model." prefix
+    shutil.copytree(tiny_models["opt"], source)
+    tensors = load_file(source / "model.safetensors")
+    save_file({k.removeprefix("model."): t for k, t in tensors.items()}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="checkpoint lacks .*runtime.stream: false"):
+        LayerStream(source, CPU)
 
 
 def test_tensor_file_writer_round_trips_and_aligns(tmp_path):
