@@ -39,6 +39,9 @@ def run(params: Params, step) -> None:
     extra: dict = {}
     write_atomic(paths.reports / "search.csv", "generation,fitness,accepted,seconds\n")  # filled by a search
     if s.allocator in MEASURED:
+        if params.runtime.stream:
+            log.warning("runtime.stream: the %s allocator runs the whole model in memory (many forward passes); "
+                        "for a model larger than memory use schedule.allocator uniform, kmeans or owl", s.allocator)
         table = allocate(estimates, target, s.model_copy(update={"allocator": "uniform"}))
         sparsity = _ranked(params, paths) if s.allocator == "ranked" else _searched(params, paths, step, extra)
         table["sparsity"] = table["key"].map(sparsity).astype(float)

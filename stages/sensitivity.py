@@ -43,6 +43,9 @@ def run(params: Params, step) -> None:
         empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         write_atomic(paths.sensitivity, empty.to_parquet(index=False))
         return
+    if params.runtime.stream:
+        log.warning("runtime.stream: the sensitivity measurement runs the whole model in memory; for a model "
+                    "larger than memory use schedule.allocator uniform, kmeans or owl")
     windows, calib = read_calibration(paths.calib)
     model = load_model(str(paths.model), device=device)
     adapter = adapter_for(model)
