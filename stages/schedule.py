@@ -98,9 +98,11 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
                       fitness=q.fitness)
     with torch.no_grad():
         result = step(evolve, model, adapter, database, windows[: q.fit_windows], target, spec, device=device, init=init)
+    # No timings in the schedule: prune depends on it, so it must be byte-identical for the same
+    # params (the search's timings go to reports/search.csv).
     extra["search"] = {"levels": levels.tolist(), "fitness": q.fitness, "uniform": result.uniform_fitness,
                        "start": float(result.history["fitness"].iloc[0]), "searched": result.fitness,
-                       "evaluations": result.evaluations, "seconds": round(result.seconds, 1)}
+                       "evaluations": result.evaluations}
     write_atomic(paths.reports / "search.csv", result.history.to_csv(index=False))
     return result.sparsity
 
