@@ -231,19 +231,6 @@ def load_grids(path: str | Path) -> dict[str, Grid]:
     return {n: (flat[f"{n}.scales"], flat[f"{n}.zeros"]) for n in sorted(names)}
 
 
-def read_safetensors_folder(folder: str | Path) -> dict[str, Tensor]:
-    """Every tensor of the model*.safetensors files of an HF model folder (shards merged)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("model*.safetensors"))
-    if not files:
-        raise PackingError(f"no .safetensors file in {folder}")
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
-
 class PackedWriter:
     """A packed folder written one part of the state at a time (e.g. a decoder layer's tensors),
     so that neither the model nor its packed form is ever whole in memory.

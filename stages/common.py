@@ -80,10 +80,19 @@ def open_model(params: Params, model_dir: Path, device, out_dir: Path | None = N
 
         stream = LayerStream(model_dir, device, out_dir=out_dir)
         return stream, stream.model, stream.adapter
+    return (None, *whole_model(model_dir, device))
+
+
+def whole_model(model_dir: Path, device, params: Params | None = None, why: str = ""):
+    """(model, adapter) in memory. A stage that must run the whole model many times (why) says
+    so when the params ask for streaming."""
     from prunekit.models import adapter_for, load_model
 
+    if params is not None and params.runtime.stream:
+        log.warning("runtime.stream: %s runs the whole model in memory; for a model larger than memory use "
+                    "schedule.allocator uniform, kmeans or owl", why)
     model = load_model(str(model_dir), device=device)
-    return None, model, adapter_for(model)
+    return model, adapter_for(model)
 
 
 def layer_runner(stream, model, adapter, windows, device):

@@ -19,7 +19,7 @@ from prunekit import plots
 from prunekit.artifacts import write_atomic, write_json
 from prunekit.config import ConfigError, Params
 from prunekit.schedule import allocate, unit_log_loss
-from stages.common import Paths, log, main, model_fingerprint
+from stages.common import Paths, log, main, model_fingerprint, whole_model
 
 MEASURED = ("ranked", "search")
 
@@ -39,9 +39,6 @@ def run(params: Params, step) -> None:
     extra: dict = {}
     write_atomic(paths.reports / "search.csv", "generation,fitness,accepted,seconds\n")  # filled by a search
     if s.allocator in MEASURED:
-        if params.runtime.stream:
-            log.warning("runtime.stream: the %s allocator runs the whole model in memory (many forward passes); "
-                        "for a model larger than memory use schedule.allocator uniform, kmeans or owl", s.allocator)
         table = allocate(estimates, target, s.model_copy(update={"allocator": "uniform"}))
         sparsity = _ranked(params, paths) if s.allocator == "ranked" else _searched(params, paths, step, extra)
         table["sparsity"] = table["key"].map(sparsity).astype(float)
@@ -74,14 +71,13 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
     import torch
 
     from prunekit.data import read_calibration
-    from prunekit.models import adapter_for, load_model, pick_device
+    from prunekit.models import pick_device
     from prunekit.search import SearchSpec, database_for, evolve, levels_around
 
     q, s, target = params.schedule.search, params.schedule, params.prune.sparsity
     device = pick_device(params.runtime.device)
     windows, calib = read_calibration(paths.calib)
-    model = load_model(str(paths.model), device=device)
-    adapter = adapter_for(model)
+    model, adapter = whole_model(paths.model, device, params, "the search (many forward passes)")
     levels = levels_around(target, q.step, max(s.min_sparsity, target - q.span), min(s.max_sparsity, target + q.span))
     log.info("search: %d levels %s, %s database, start %s", len(levels), levels.tolist(), q.database, q.init)
     hessian_of = None

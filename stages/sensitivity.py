@@ -13,9 +13,9 @@ from prunekit.artifacts import write_atomic
 from prunekit.config import Params
 from prunekit.data import read_calibration
 from prunekit.hessian_store import HessianStore
-from prunekit.models import adapter_for, decoder_layers, load_model, pick_device
+from prunekit.models import decoder_layers, pick_device
 from prunekit.sensitivity import block_sensitivity
-from stages.common import Paths, log, main, model_fingerprint
+from stages.common import Paths, log, main, model_fingerprint, whole_model
 
 COLUMNS = {"unit": "object", "layer": "int64", "linears": "object", "params": "int64", "sparsity": "float64",
            "delta_nll": "float64", "dense_nll": "float64"}
@@ -43,12 +43,8 @@ def run(params: Params, step) -> None:
         empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         write_atomic(paths.sensitivity, empty.to_parquet(index=False))
         return
-    if params.runtime.stream:
-        log.warning("runtime.stream: the sensitivity measurement runs the whole model in memory; for a model "
-                    "larger than memory use schedule.allocator uniform, kmeans or owl")
     windows, calib = read_calibration(paths.calib)
-    model = load_model(str(paths.model), device=device)
-    adapter = adapter_for(model)
+    model, adapter = whole_model(paths.model, device, params, "the sensitivity measurement (many forward passes)")
     store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
     hessians = {i: store.hessians(i, device)
                 for i in range(len(decoder_layers(model, adapter)))}

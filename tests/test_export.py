@@ -141,7 +141,7 @@ def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, mo
     assert set(summary["hf_sha256"]) == {"model.safetensors"}
 
     # The packed form: quantized linears come back bit-identical; the rest is fp16.
-    stored = packing.read_safetensors_folder(final)
+    stored = _stored(final)
     restored = packing.load_packed(out / "packed")
     assert set(restored) == set(stored)
     linears = [n for n, e in json.loads((out / "packed" / packing.MANIFEST).read_text())["tensors"].items()
@@ -154,12 +154,20 @@ def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, mo
     torch.testing.assert_close(_logits(unpacked, ids), reference, rtol=0, atol=0.05)
 
 
+def _stored(folder):
+    """Every tensor of a saved model folder (shards merged)."""
+    from prunekit.streaming import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    return reader.read(list(reader.weight_map))
+
+
 def test_exact_packing_of_a_pipeline_model_gives_equal_logits(tiny_models, tmp_path, monkeypatch):
     """With every non-code tensor kept as stored, the unpacked model is the pipeline's model."""
     paths = run_stages(tmp_path, tiny_models["llama"], monkeypatch)
     from stages.export import decoder_linears
 
-    stored = packing.read_safetensors_folder(paths.compressed)
+    stored = _stored(paths.compressed)
     linears = decoder_linears(stored, "llama")
     grids = packing.load_grids(paths.compressed / "qparams.safetensors")
     packed, manifest = packing.pack_state(stored, linears, grids, groupsize=32, float_dtype=None)
