@@ -44,6 +44,7 @@ from prunekit.data import bos_id, calibration_windows, eval_windows, load_text, 
 from prunekit.drivers import prune_model, quantize_model  # noqa: E402
 from prunekit.estimate import estimate_layer  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
+from prunekit.kernels import QuantSpec  # noqa: E402
 from prunekit.layerwise import LayerwiseRunner  # noqa: E402
 from prunekit.models import adapter_for, decoder_layers, layer_linears, load_model, load_tokenizer  # noqa: E402
 from prunekit.sensitivity import allocate_measured, allocate_ranked, block_sensitivity  # noqa: E402
@@ -54,7 +55,8 @@ SENS_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 SENS_RANKED = {"unit": "block", "grid": SENS_GRID, "at": 0.8, "spread": 0.2, "lo": 0.4, "hi": 0.95}
 SENS_MEASURED = {"unit": "block", "grid": SENS_GRID, "lo": 0.4, "hi": 0.95}
 
-# name -> (method, target, structure, allocator, mode, quant: bits, (bits, groupsize) or None, overrides)
+# name -> (method, target, structure, allocator, mode, quant, overrides); quant: None, bits,
+# (bits, groupsize) or {QuantizeParams fields, "joint": True for one pass with the pruning}.
 # allocator uniform/kmeans/owl: prunekit.schedule.allocate, overrides go to ScheduleParams.
 # allocator ranked/measured: prunekit.sensitivity on output-level curves measured on the first
 # --sens-windows calibration windows; overrides: unit, grid, lo, hi (+ at, spread for ranked).
@@ -74,6 +76,15 @@ CONFIGS = {
     "sgpt70+q4": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential", 4, {}),
     "gptq4g128": ("none", 0.0, "unstructured", "uniform", "sequential", (4, 128), {}),
     "sgpt70+q4g128": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential", (4, 128), {}),
+    "sgpt70+q4g128mse": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential",
+                         {"bits": 4, "groupsize": 128, "mse": True}, {}),
+    "sgpt70+q4g128ao": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential",
+                        {"bits": 4, "groupsize": 128, "mse": True, "act_order": True}, {}),
+    "sgpt70q4g128joint": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential",
+                          {"bits": 4, "groupsize": 128, "joint": True}, {}),
+    "sgpt70q4g128jointmse": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential",
+                             {"bits": 4, "groupsize": 128, "mse": True, "joint": True}, {}),
+    "gptq4g128mse": ("none", 0.0, "unstructured", "uniform", "sequential", {"bits": 4, "groupsize": 128, "mse": True}, {}),
     "wanda70": ("wanda", 0.7, "unstructured", "uniform", "sequential", None, {}),
     "owl70": ("sparsegpt", 0.7, "unstructured", "owl", "sequential", None, {}),
     "kmeans70": ("sparsegpt", 0.7, "unstructured", "kmeans", "sequential", None, {"k": 3, "spread": 0.05}),
@@ -107,8 +118,23 @@ CONFIGS.update({
                                        {**SEARCH_LINEAR, "fitness": fitness})
     for t in (0.6, 0.7, 0.8) for kind, fitness in (("", "nll"), ("kl", "kl"))
 })
+# More scoring windows against overfitting the 8 (fit 32, screen 4); the database along the
+# (snapped) start schedule; then a round with the database rebuilt along the schedule found.
+SEARCH_W32 = {**SEARCH_LINEAR, "fit_windows": 32, "screen_windows": 4, "survivors": 2, "generations": 60,
+              "along": "init", "rounds": [30]}
+CONFIGS.update({f"search{round(100 * t)}lw32": ("sparsegpt", t, "unstructured", "search", "sequential", None, SEARCH_W32)
+                for t in (0.6, 0.7, 0.8)})
 # WikiText-2 validation is the text for choosing hyper-parameters; test and C4 only report.
 EVAL_TEXTS = ("wikitext2", "c4", "wikitext2-valid")
+
+
+def quant_fields(quant) -> dict:
+    if not quant:
+        return {}
+    if isinstance(quant, dict):
+        return dict(quant)
+    bits, groupsize = quant if isinstance(quant, tuple) else (quant, None)
+    return {"bits": bits, "groupsize": groupsize}
 
 
 def prepare(args) -> None:
@@ -168,17 +194,15 @@ def sensitivity_sparsity(curves, allocator, target, overrides) -> dict[str, floa
 
 def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache: dict, args, sens_cache: dict,
                       results: dict):
-    """Schedule from prunekit.search; the level database is built once per level grid."""
-    from prunekit.search import SearchSpec, database_for, evolve, levels_around
+    """Schedule from prunekit.search. The level database is built once per level grid and
+    trajectory: along uniform pruning, or (o['along'] == 'init') along the start schedule snapped
+    to the grid, so that the start scores exactly as sequential pruning would give it. Each entry
+    of o['rounds'] (generations) then rebuilds the database along the schedule found so far and
+    searches on from it."""
+    from prunekit.search import SearchSpec, database_for, evolve, levels_around, snap_schedule
 
     levels = levels_around(target, o["step"], o["lo"], o["hi"])
     kind = o.get("database", "dense")
-    key = (tuple(np.round(levels, 6)), kind == "sequential" and target)
-    t = time.time()
-    if key not in cache:
-        cache.clear()  # one database at a time (GPU memory)
-        cache[key] = database_for(kind, model, adapter, calib, levels, target, hessians.__getitem__, device=device)
-    db_s = time.time() - t
     init = None
     if args.continue_from:  # another search's result (in --out), continued with this config's seed
         init = results[args.continue_from]["search"]["sparsity"]
@@ -190,10 +214,36 @@ def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache:
     o = {**o, **{k: v for k, v in (("seed", args.seed), ("generations", args.generations)) if v is not None}}
     spec = SearchSpec(**{k: o[k] for k in ("generations", "offspring", "survivors", "max_mutations",
                                            "screen_windows", "unit", "seed")}, fitness=o.get("fitness", "nll"))
-    result = evolve(model, adapter, cache[key], calib[: o["fit_windows"]], target, spec, device=device, init=init)
-    info = {"database_s": db_s, "search_s": result.seconds, "evaluations": result.evaluations,
-            "uniform_fitness": result.uniform_fitness, "fitness": result.fitness,
-            "unit_sparsity": result.unit_sparsity, "history": result.history["fitness"].round(5).tolist(),
+    along = snap_schedule(init, model, adapter, levels, target, spec.unit) if o.get("along") == "init" and init else None
+
+    def database(along):
+        key = (tuple(np.round(levels, 6)), kind == "sequential" and target,
+               kind == "sequential" and along and tuple(sorted(along.items())))
+        if key not in cache:
+            cache.clear()  # one database at a time (GPU memory)
+            cache[key] = database_for(kind, model, adapter, calib, levels, target, hessians.__getitem__,
+                                      device=device, along=along)
+        return cache[key]
+
+    t = time.time()
+    db = database(along)
+    db_s = time.time() - t
+    result = evolve(model, adapter, db, calib[: o["fit_windows"]], target, spec, device=device, init=init)
+    rounds = [{"generations": spec.generations, "start_fitness": result.history["fitness"].iloc[0], "fitness": result.fitness,
+               "database_s": db_s, "search_s": result.seconds}]
+    for r, generations in enumerate(o.get("rounds", ())):
+        t = time.time()
+        db = database(result.sparsity)
+        db_s = time.time() - t
+        previous = result.sparsity
+        spec = SearchSpec(**{**spec.__dict__, "generations": generations, "seed": spec.seed + r + 1})
+        result = evolve(model, adapter, db, calib[: o["fit_windows"]], target, spec, device=device, init=previous)
+        rounds.append({"generations": generations, "start_fitness": result.history["fitness"].iloc[0],
+                       "fitness": result.fitness, "database_s": db_s, "search_s": result.seconds})
+        log.info("search round %d: database along the schedule found so far; %s", r + 2, rounds[-1])
+    info = {"database_s": sum(x["database_s"] for x in rounds), "search_s": sum(x["search_s"] for x in rounds),
+            "evaluations": result.evaluations, "uniform_fitness": result.uniform_fitness, "fitness": result.fitness,
+            "rounds": rounds, "unit_sparsity": result.unit_sparsity, "history": result.history["fitness"].round(5).tolist(),
             "sparsity": result.sparsity, "spec": {**o, "continued_from": args.continue_from}}
     log.info("search: %s", {k: v for k, v in info.items() if k not in ("history", "sparsity", "unit_sparsity")})
     return result.sparsity, info
@@ -234,6 +284,8 @@ def run(args) -> None:
         info: dict = {"config": name}
         if spec is not None:
             method, target, structure, allocator, mode, bits, overrides = spec
+            q = quant_fields(bits)
+            joint = q.pop("joint", False)
             if method != "none":
                 keys = [f"{i}.{n}" for i in range(len(decoder_layers(model, adapter))) for n in adapter.linears]
                 if (allocator != "uniform" or mode == "parallel") and hessians is None:
@@ -260,17 +312,16 @@ def run(args) -> None:
                     sparsity = dict(zip(table["key"], table["sparsity"]))
                 params = PruneParams(method=method, sparsity=target, structure=structure, mode=mode)
                 if mode == "sequential":
-                    stats = prune_model(model, adapter, sparsity, params,
+                    quant = QuantSpec(**{k: v for k, v in q.items() if k != "act_order"}) if joint else None
+                    stats = prune_model(model, adapter, sparsity, params, quant=quant,
                                         runner=LayerwiseRunner(model, adapter, calib, device))
                 else:
                     stats = prune_model(model, adapter, sparsity, params, store=_DenseStore(hessians))
                 n = sum(s["params"] for s in stats.values())
                 info["sparsity"] = sum(s["sparsity"] * s["params"] for s in stats.values()) / n
-            if bits:
-                bits, groupsize = bits if isinstance(bits, tuple) else (bits, None)
-                quantize_model(model, adapter, LayerwiseRunner(model, adapter, calib, device),
-                               QuantizeParams(bits=bits, groupsize=groupsize))
-                info["bits"], info["groupsize"] = bits, groupsize
+            if bits and not joint:
+                quantize_model(model, adapter, LayerwiseRunner(model, adapter, calib, device), QuantizeParams(**q))
+            info.update(q)
         info["compress_s"] = time.time() - t
         for dataset, windows in evals.items():
             info[dataset] = perplexity(model, windows, batch_size=args.batch_size, desc=dataset)["ppl"]

@@ -85,22 +85,32 @@ class LevelDatabase:
 
     @classmethod
     @torch.no_grad()
-    def build_along(cls, runner: LayerwiseRunner, levels: np.ndarray, target: float, *, percdamp: float = 0.01,
-                    blocksize: int = 128, store_dtype: torch.dtype | None = None) -> "LevelDatabase":
+    def build_along(cls, runner: LayerwiseRunner, levels: np.ndarray, along: float | dict[str, float], *,
+                    percdamp: float = 0.01, blocksize: int = 128,
+                    store_dtype: torch.dtype | None = None) -> "LevelDatabase":
         """Like `build`, but layer i's Hessians come from the inputs that layers < i produce when
-        pruned uniformly to `target` (the sequential trajectory), so every level of a layer is
-        already fitted to a pruned prefix, as it will be when the searched schedule is pruned
-        sequentially. The runner's model is restored afterwards; its activations are consumed.
+        pruned along a schedule (the sequential trajectory): `along` is a level of the grid (every
+        linear pruned to it) or a per-linear schedule on the grid ('<layer>.<linear>': sparsity).
+        Every level of a layer is then fitted to a pruned prefix, as it will be when a schedule
+        near `along` is pruned sequentially; the schedule `along` itself scores exactly as the
+        model that sequential pruning gives. The runner's model is restored afterwards; its
+        activations are consumed.
         """
+        def level_of(i: int, name: str) -> int:
+            s = along if isinstance(along, float | int) else along[f"{i}.{name}"]
+            match = np.flatnonzero(np.isclose(levels, s, atol=1e-9))
+            if not len(match):
+                raise ConfigError(f"sparsity {s} of {i}.{name} is not a level of {np.asarray(levels).tolist()}")
+            return int(match[0])
+
         weights = {}
         for i in tqdm(range(len(runner)), desc="level database (sequential)", unit="layer"):
             layer = runner.layers[i]
             hessians = {k: a.H for k, a in runner.hessians(i).items()}
             weights[i] = _prune_levels(layer, runner.adapter, hessians, levels, percdamp, blocksize, store_dtype)
-            k = int(np.flatnonzero(np.isclose(levels, target, atol=1e-9))[0])
             dense = {name: layer.get_submodule(name).weight.data for name in weights[i]}
             for name in dense:
-                layer.get_submodule(name).weight.data = weights[i][name][k]
+                layer.get_submodule(name).weight.data = weights[i][name][level_of(i, name)]
             try:
                 runner.advance(i)
             finally:
@@ -111,12 +121,15 @@ class LevelDatabase:
 
 def database_for(kind: str, model: nn.Module, adapter: Adapter, windows: torch.Tensor, levels: np.ndarray,
                  target: float, hessian_of: Callable[[int], dict[str, torch.Tensor]] | None = None, *,
-                 device: torch.device | None = None, **kwargs) -> LevelDatabase:
-    """The level database of `kind` ('sequential': along the uniform prefix at `target`, from the
-    calibration `windows`; 'dense': from `hessian_of`, the dense Hessians); kwargs go to the builder."""
+                 device: torch.device | None = None, along: dict[str, float] | None = None,
+                 **kwargs) -> LevelDatabase:
+    """The level database of `kind` ('sequential': along the prefix pruned by the schedule `along`,
+    uniform at `target` by default, from the calibration `windows`; 'dense': from `hessian_of`,
+    the dense Hessians); kwargs go to the builder."""
     if kind == "sequential":
         device = torch.device(device) if device is not None else next(model.parameters()).device
-        return LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, device), levels, target, **kwargs)
+        return LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, device), levels,
+                                         float(target) if along is None else along, **kwargs)
     if kind == "dense" and hessian_of is not None:
         return LevelDatabase.build(model, adapter, hessian_of, levels, **kwargs)
     raise ConfigError(f"search database must be 'sequential' or 'dense' (with Hessians), got {kind!r}")
@@ -213,6 +226,21 @@ def _snap(init: dict[str, float], units: _Units, levels: np.ndarray, centre: int
             u = members[np.argmax(np.where(movable, residue, -np.inf))]
             k[u] -= int(np.sign(excess))
     return k
+
+
+def snap_schedule(init: dict[str, float], model: nn.Module, adapter: Adapter, levels: np.ndarray, target: float,
+                  unit: str = "linear") -> dict[str, float]:
+    """A per-linear schedule moved onto the level grid with the parameter-weighted budget kept
+    exactly at `target` (as `evolve` does with its `init`), e.g. to build a database along it."""
+    from .models import decoder_layers
+
+    levels = np.asarray(levels, dtype=float)
+    match = np.flatnonzero(np.isclose(levels, target, atol=1e-9))
+    if not len(match):
+        raise ConfigError(f"target sparsity {target} is not a level of {levels.tolist()}")
+    units = _Units(adapter, decoder_layers(model, adapter), unit)
+    k = _snap(init, units, levels, int(match[0]))
+    return {f"{i}.{n}": float(levels[k[u]]) for u, m in enumerate(units.members) for i, n in m}
 
 
 @contextmanager

@@ -150,3 +150,31 @@ def test_search_never_starts_worse_than_uniform(setup):
         assert result.fitness <= result.uniform_fitness
         achieved = sum(result.sparsity[k] * n for k, n in params.items()) / sum(params.values())
         assert achieved == pytest.approx(0.6, abs=1e-9)
+
+
+def test_database_along_a_schedule_is_what_sequential_pruning_gives(setup, tiny_models):
+    """Built along a non-uniform schedule (snapped to the grid, budget kept), the database holds at
+    each linear's own level exactly the weights that sequential pruning with that schedule gives,
+    so the schedule scores as the model it would produce."""
+    from prunekit.config import PruneParams
+    from prunekit.drivers import prune_model
+    from prunekit.search import snap_schedule
+
+    model, adapter, windows, dense_db = setup
+    params = prunable_parameters(model, adapter)
+    n = len(model.get_submodule(adapter.layers))
+    init = {k: 0.6 + (0.25 if int(k.split(".")[0]) == n - 1 else -0.25 / (n - 1)) for k in params}
+    schedule = snap_schedule(init, model, adapter, dense_db.levels, 0.6)
+    assert len(set(schedule.values())) > 1
+    assert sum(schedule[k] * p for k, p in params.items()) / sum(params.values()) == pytest.approx(0.6, abs=1e-9)
+    along = LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, CPU), dense_db.levels, schedule)
+    pruned = load_model(str(tiny_models["llama"]))
+    prune_model(pruned, adapter, schedule, PruneParams(sparsity=0.6), runner=LayerwiseRunner(pruned, adapter, windows, CPU))
+    layers = pruned.get_submodule(adapter.layers)
+    for key, s in schedule.items():
+        i, name = key.split(".", 1)
+        k = int(np.flatnonzero(np.isclose(along.levels, s))[0])
+        assert torch.allclose(along.weights[int(i)][name][k], layers[int(i)].get_submodule(name).weight, atol=1e-6)
+    with pytest.raises(ConfigError, match="not a level"):
+        LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, CPU), dense_db.levels,
+                                  {**schedule, next(iter(schedule)): 0.65})
