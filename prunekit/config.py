@@ -153,6 +153,7 @@ class QuantizeParams(_Section):
     groupsize: int | None = Field(None, ge=1)
     sym: bool = False
     act_order: bool = False
+    mse: bool = False  # grid range searched per row/group for the least |x - q|^2.4 (GPTQ's mse)
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, ge=0)
 

@@ -62,12 +62,15 @@ def _hessian_layer(runner: LayerwiseRunner, store: HessianStore, i: int, dtype: 
 
 
 def prune_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dict[str, torch.Tensor],
-                sparsity: dict[str, float], params: PruneParams) -> dict[str, dict]:
+                sparsity: dict[str, float], params: PruneParams, quant: kernels.QuantSpec | None = None) -> dict[str, dict]:
     """Prune every linear of one decoder layer in place; one factorisation per shared input.
 
-    hessians: {input key: H} for this layer; sparsity: {'<layer>.<linear>': target}.
+    hessians: {input key: H} for this layer; sparsity: {'<layer>.<linear>': target}; quant
+    (SparseGPT only): quantize the survivors in the same pass (joint sparse + quantized).
     Returns per-linear stats {'<layer>.<linear>': {'target', 'sparsity', 'loss'}}.
     """
+    if quant is not None and params.method != "sparsegpt":
+        raise ValueError(f"joint quantization needs method sparsegpt, got {params.method!r}")
     prunen, prunem = params.n_m
     stats = {}
     for group in adapter.groups:
@@ -79,7 +82,7 @@ def prune_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dict[s
         if params.method == "sparsegpt":
             # One sweep over the rows of every linear reading this input (same result, less work).
             results = kernels.sparsegpt_many(weights, factor, targets, prunen=prunen, prunem=prunem,
-                                             blocksize=params.blocksize)
+                                             blocksize=params.blocksize, quant=quant)
         elif params.method == "wanda":
             results = [kernels.wanda(W, factor, t, prunen=prunen, prunem=prunem) for W, t in zip(weights, targets)]
         else:
@@ -98,14 +101,17 @@ def prune_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dict[s
 def prune_model(model: nn.Module, adapter: Adapter, sparsity: dict[str, float], params: PruneParams, *,
                 runner: LayerwiseRunner | None = None, store: HessianStore | None = None,
                 hessian_dtype: torch.dtype = torch.float32, step: Step = call,
-                stream: LayerStream | None = None) -> dict[str, dict]:
+                stream: LayerStream | None = None, quant: kernels.QuantSpec | None = None) -> dict[str, dict]:
     """Prune the whole model layer by layer (one layer in memory at a time with `stream`).
 
     Sequential mode (runner given): layer l's Hessians come from inputs produced by the already
     pruned layers < l. Parallel mode (store given): every layer uses the cached dense Hessians.
+    quant (sequential mode): joint sparse + quantized in one pass per linear (`prune_layer`).
     """
     if (runner is None) == (store is None):
         raise ValueError("give exactly one of runner (sequential) or store (parallel)")
+    if quant is not None and store is not None:
+        raise ValueError("joint quantization runs in sequential mode (give runner)")
     stats: dict[str, dict] = {}
     layers = decoder_layers(model, adapter)
     if store is not None and stream is not None:
@@ -131,7 +137,7 @@ def prune_model(model: nn.Module, adapter: Adapter, sparsity: dict[str, float], 
     for i in tqdm(range(len(layers)), desc=f"prune ({params.mode})", unit="layer"):
         with loaded(stream, i):
             hessians = {k: a.H for k, a in step(runner.hessians, i, hessian_dtype).items()}
-            stats.update(step(prune_layer, layers[i], i, adapter, hessians, sparsity, params))
+            stats.update(step(prune_layer, layers[i], i, adapter, hessians, sparsity, params, quant))
             runner.advance(i)
     return stats
 
@@ -156,7 +162,8 @@ def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dic
     Each linear's stats also carry its grid, 'scales' and 'zeros' ((d_out, n_groups) fp32 on the
     CPU), which quantize_model hands over separately so that an export can store integer codes.
     """
-    spec = kernels.QuantSpec(bits=params.bits, sym=params.sym, groupsize=params.groupsize, act_order=params.act_order)
+    spec = kernels.QuantSpec(bits=params.bits, sym=params.sym, groupsize=params.groupsize, act_order=params.act_order,
+                             mse=params.mse)
     stats = {}
     for group in adapter.groups:
         H = hessians[adapter.group_key(group)]

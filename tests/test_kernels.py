@@ -398,6 +398,40 @@ def test_gptq_keep_zeros_after_sparsegpt_and_act_order():
     assert int((loose.weight == 0).sum()) < int((pruned == 0).sum())
 
 
+def test_mse_grid_clips_heavy_tails_and_never_does_worse_than_min_max():
+    """The searched range contains 0 (zeros stay exactly zero), is never worse than min-max in the
+    |x - q|^2.4 error it minimises, and on heavy-tailed rows (Student t, 3 dof) shrinks the range
+    for clearly less error."""
+    torch.manual_seed(3)
+    W = torch.distributions.StudentT(3.0).sample((64, 128))
+    W[:, ::3] = 0.0
+    for sym in (False, True):
+        plain, searched = QuantSpec(bits=4, sym=sym), QuantSpec(bits=4, sym=sym, mse=True)
+        errors = []
+        for spec in (plain, searched):
+            scale, zero = spec.grid(W)
+            Q = spec.quantize(W, scale[:, None], zero[:, None])
+            on_grid(Q, scale[:, None], zero[:, None], spec, torch.zeros(128, dtype=torch.long))
+            assert bool((Q[W == 0] == 0).all())
+            errors.append((Q - W).abs().pow(2.4).sum(dim=1))
+        assert bool((errors[1] <= errors[0] * (1 + 1e-6)).all())
+        assert float(errors[1].sum()) < 0.95 * float(errors[0].sum())
+        assert float(searched.grid(W)[0].mean()) < float(plain.grid(W)[0].mean())
+
+
+def test_mse_grid_through_gptq_and_joint_sparsegpt_stays_on_grid_and_sparse():
+    W, X, H = problem(32, 96, seed=6)
+    spec = QuantSpec(bits=4, groupsize=32, mse=True)
+    groups = torch.arange(96) // 32
+    joint = sparsegpt(W, factorize(H), 0.6, quant=spec)
+    on_grid(joint.weight, joint.scales, joint.zeros, spec, groups)
+    assert float((joint.weight == 0).float().mean()) >= 0.6
+    pruned = sparsegpt(W, factorize(H), 0.6).weight
+    res = gptq(pruned, H, spec)
+    on_grid(res.weight, res.scales, res.zeros, spec, groups)
+    assert bool((res.weight[pruned == 0] == 0).all())
+
+
 def test_gptq_act_order_uses_static_groups_of_original_columns():
     W, _, H = problem(8, 64, seed=8)
     spec = QuantSpec(bits=4, groupsize=16, act_order=True)
