@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -192,17 +191,13 @@ def sensitivity_sparsity(curves, allocator, target, overrides) -> dict[str, floa
     return allocate_measured(curves, target, overrides["lo"], overrides["hi"])
 
 
-def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache: dict, args, sens_cache: dict,
-                      results: dict):
-    """Schedule from prunekit.search. The level database is built once per level grid and
-    trajectory: along uniform pruning, or (o['along'] == 'init') along the start schedule snapped
-    to the grid, so that the start scores exactly as sequential pruning would give it. Each entry
-    of o['rounds'] (generations) then rebuilds the database along the schedule found so far and
-    searches on from it."""
-    from prunekit.search import SearchSpec, database_for, evolve, levels_around, snap_schedule
+def searched_sparsity(model, adapter, calib, hessians, target, o, device, args, sens_cache: dict, results: dict):
+    """Schedule from prunekit.search.search_schedule: database (along uniform pruning, or with
+    o['along'] == 'init' along the start schedule), search, then o['rounds'] (generations each)
+    with the database rebuilt along the schedule found so far."""
+    from prunekit.search import SearchSpec, levels_around, search_schedule
 
     levels = levels_around(target, o["step"], o["lo"], o["hi"])
-    kind = o.get("database", "dense")
     init = None
     if args.continue_from:  # another search's result (in --out), continued with this config's seed
         init = results[args.continue_from]["search"]["sparsity"]
@@ -214,37 +209,14 @@ def searched_sparsity(model, adapter, calib, hessians, target, o, device, cache:
     o = {**o, **{k: v for k, v in (("seed", args.seed), ("generations", args.generations)) if v is not None}}
     spec = SearchSpec(**{k: o[k] for k in ("generations", "offspring", "survivors", "max_mutations",
                                            "screen_windows", "unit", "seed")}, fitness=o.get("fitness", "nll"))
-    along = snap_schedule(init, model, adapter, levels, target, spec.unit) if o.get("along") == "init" and init else None
-
-    def database(along):
-        key = (tuple(np.round(levels, 6)), kind == "sequential" and target,
-               kind == "sequential" and along and tuple(sorted(along.items())))
-        if key not in cache:
-            cache.clear()  # one database at a time (GPU memory)
-            cache[key] = database_for(kind, model, adapter, calib, levels, target, hessians.__getitem__,
-                                      device=device, along=along)
-        return cache[key]
-
-    t = time.time()
-    db = database(along)
-    db_s = time.time() - t
-    result = evolve(model, adapter, db, calib[: o["fit_windows"]], target, spec, device=device, init=init)
-    rounds = [{"generations": spec.generations, "start_fitness": result.history["fitness"].iloc[0], "fitness": result.fitness,
-               "database_s": db_s, "search_s": result.seconds}]
-    for r, generations in enumerate(o.get("rounds", ())):
-        t = time.time()
-        db = database(result.sparsity)
-        db_s = time.time() - t
-        previous = result.sparsity
-        spec = SearchSpec(**{**spec.__dict__, "generations": generations, "seed": spec.seed + r + 1})
-        result = evolve(model, adapter, db, calib[: o["fit_windows"]], target, spec, device=device, init=previous)
-        rounds.append({"generations": generations, "start_fitness": result.history["fitness"].iloc[0],
-                       "fitness": result.fitness, "database_s": db_s, "search_s": result.seconds})
-        log.info("search round %d: database along the schedule found so far; %s", r + 2, rounds[-1])
-    info = {"database_s": sum(x["database_s"] for x in rounds), "search_s": sum(x["search_s"] for x in rounds),
+    result = search_schedule(model, adapter, calib, target, levels, spec, fit_windows=o["fit_windows"],
+                             database=o.get("database", "dense"), init=init, along_init=o.get("along") == "init",
+                             rounds=o.get("rounds", ()), hessian_of=hessians.__getitem__, device=device)
+    info = {"database_s": sum(r["database_s"] for r in result.rounds), "search_s": sum(r["search_s"] for r in result.rounds),
             "evaluations": result.evaluations, "uniform_fitness": result.uniform_fitness, "fitness": result.fitness,
-            "rounds": rounds, "unit_sparsity": result.unit_sparsity, "history": result.history["fitness"].round(5).tolist(),
-            "sparsity": result.sparsity, "spec": {**o, "continued_from": args.continue_from}}
+            "rounds": result.rounds, "unit_sparsity": result.unit_sparsity,
+            "history": result.history["fitness"].round(5).tolist(), "sparsity": result.sparsity,
+            "spec": {**o, "continued_from": args.continue_from}}
     log.info("search: %s", {k: v for k, v in info.items() if k not in ("history", "sparsity", "unit_sparsity")})
     return result.sparsity, info
 
@@ -275,7 +247,6 @@ def run(args) -> None:
     log.info("loaded %s in %.1f s on %s", args.model, time.time() - t0, device)
     hessians = est = None
     sens_cache: dict = {}
-    search_cache: dict = {}
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     for name in args.configs.split(","):
         model.load_state_dict(dense_state)
@@ -296,7 +267,7 @@ def run(args) -> None:
                     sparsity = dict.fromkeys(keys, target)
                 elif allocator == "search":
                     sparsity, info["search"] = searched_sparsity(model, adapter, calib, hessians, target, overrides,
-                                                                 device, search_cache, args, sens_cache, results)
+                                                                 device, args, sens_cache, results)
                 elif allocator in SENSITIVITY_ALLOCATORS:
                     curves, info["sensitivity_s"] = sensitivity_curves(model, adapter, calib, hessians, overrides,
                                                                        args, device, sens_cache)
@@ -336,7 +307,8 @@ def run(args) -> None:
 
 
 def table(args) -> None:
-    """Markdown table of result files (later files win on equal names), ratios to uniform at the same target."""
+    """Markdown table of result files (later files win on equal names), ratios to uniform
+    sequential SparseGPT at the same target (for quantized configs: to that model unquantized)."""
     results: dict = {}
     for path in args.results:
         results.update({k: v for k, v in json.loads(Path(path).read_text()).items() if isinstance(v, dict)})
@@ -350,7 +322,8 @@ def table(args) -> None:
     for name, r in sorted(results.items(), key=lambda kv: (round(kv[1].get("sparsity", 0), 2), kv[0])):
         target = round(r.get("sparsity", 0), 2)
         valid = f"{r['wikitext2-valid']:.2f}" if "wikitext2-valid" in r else ""
-        comparable = name not in CONFIGS or plain(name)  # renamed runs (--as) are searches
+        c = CONFIGS.get(name)  # renamed runs (--as) are searches; quantized ones compare with the pruned model
+        comparable = c is None or (c[0] == "sparsegpt" and c[2] == "unstructured" and c[4] == "sequential")
         ratio = f"{r['wikitext2'] / uniform[target]:.2f}" if target in uniform and comparable else ""
         print(f"| {name} | {target:.2f} | {r['wikitext2']:.2f} | {valid} | {r['c4']:.2f} | {ratio} |")
 

@@ -97,6 +97,22 @@ class SearchParams(_Section):
     database: Literal["dense", "sequential"] = "sequential"
     init: Literal["uniform", "ranked"] = "uniform"
     fitness: Literal["nll", "kl"] = "nll"  # calibration NLL, or KL from the dense model's next-token distributions
+    # Further rounds (generations each), each with the sequential database rebuilt along the
+    # schedule found so far, so the search's scores follow its own pruned prefix again.
+    rounds: tuple[int, ...] = ()
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(g < 0 for g in v):
+            raise ValueError(f"rounds are generation counts >= 0, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _rounds_need_sequential(self) -> "SearchParams":
+        if self.rounds and self.database != "sequential":
+            raise ValueError("search rounds rebuild the sequential database: set database: sequential")
+        return self
 
 
 class ScheduleParams(_Section):

@@ -72,33 +72,36 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
 
     from prunekit.data import read_calibration
     from prunekit.models import pick_device
-    from prunekit.search import SearchSpec, database_for, evolve, levels_around
+    from prunekit.search import SearchSpec, levels_around, search_schedule
 
     q, s, target = params.schedule.search, params.schedule, params.prune.sparsity
     device = pick_device(params.runtime.device)
     windows, calib = read_calibration(paths.calib)
     model, adapter = whole_model(paths.model, device, params, "the search (many forward passes)")
     levels = levels_around(target, q.step, max(s.min_sparsity, target - q.span), min(s.max_sparsity, target + q.span))
-    log.info("search: %d levels %s, %s database, start %s", len(levels), levels.tolist(), q.database, q.init)
+    log.info("search: %d levels %s, %s database, start %s, %d further round(s)", len(levels), levels.tolist(),
+             q.database, q.init, len(q.rounds))
     hessian_of = None
     if q.database == "dense":
         from prunekit.hessian_store import HessianStore
 
         store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
         hessian_of = lambda i: store.hessians(i, device)  # noqa: E731
-    database = step(database_for, q.database, model, adapter, windows, levels, target, hessian_of, device=device,
-                    percdamp=params.prune.percdamp, blocksize=params.prune.blocksize)
     init = _ranked(params, paths) if q.init == "ranked" else None
     spec = SearchSpec(generations=q.generations, offspring=q.offspring, survivors=q.survivors,
                       max_mutations=q.max_mutations, screen_windows=q.screen_windows, unit=q.unit, seed=s.seed,
                       fitness=q.fitness)
     with torch.no_grad():
-        result = step(evolve, model, adapter, database, windows[: q.fit_windows], target, spec, device=device, init=init)
+        result = search_schedule(model, adapter, windows, target, levels, spec, fit_windows=q.fit_windows,
+                                 database=q.database, init=init, rounds=q.rounds, hessian_of=hessian_of,
+                                 device=device, step=step, percdamp=params.prune.percdamp,
+                                 blocksize=params.prune.blocksize)
     # No timings in the schedule: prune depends on it, so it must be byte-identical for the same
     # params (the search's timings go to reports/search.csv).
     extra["search"] = {"levels": levels.tolist(), "fitness": q.fitness, "uniform": result.uniform_fitness,
                        "start": float(result.history["fitness"].iloc[0]), "searched": result.fitness,
-                       "evaluations": result.evaluations}
+                       "evaluations": result.evaluations,
+                       "rounds": [{k: r[k] for k in ("generations", "start", "fitness")} for r in result.rounds]}
     write_atomic(paths.reports / "search.csv", result.history.to_csv(index=False))
     return result.sparsity
 

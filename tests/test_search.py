@@ -178,3 +178,43 @@ def test_database_along_a_schedule_is_what_sequential_pruning_gives(setup, tiny_
     with pytest.raises(ConfigError, match="not a level"):
         LevelDatabase.build_along(LayerwiseRunner(model, adapter, windows, CPU), dense_db.levels,
                                   {**schedule, next(iter(schedule)): 0.65})
+
+
+def test_search_rounds_rescore_the_found_schedule_exactly(setup, tiny_models):
+    """Each round rebuilds the database along the schedule found so far: the round starts from that
+    schedule's exact score, the calibration NLL of the model that sequential pruning with it gives."""
+    from prunekit.config import PruneParams
+    from prunekit.drivers import prune_model
+    from prunekit.search import search_schedule
+
+    model, adapter, windows, db = setup
+    spec = SearchSpec(generations=3, offspring=4, survivors=2)
+    result = search_schedule(model, adapter, windows, 0.6, db.levels, spec, fit_windows=3, rounds=(2, 2))
+    assert [r["generations"] for r in result.rounds] == [3, 2, 2]
+    assert result.fitness == result.rounds[-1]["fitness"] <= result.rounds[-1]["start"]
+    assert list(result.history["round"].unique()) == [0, 1, 2]
+    # the last round's start is the schedule that round 2 found, scored on its own database
+    previous = result.history[result.history["round"] == 1]["fitness"].iloc[-1]
+    again = search_schedule(model, adapter, windows, 0.6, db.levels, spec, fit_windows=3, rounds=(2,))
+    assert again.rounds[1]["fitness"] == pytest.approx(previous)
+    pruned = load_model(str(tiny_models["llama"]))
+    prune_model(pruned, adapter, again.sparsity, PruneParams(sparsity=0.6),
+                runner=LayerwiseRunner(pruned, adapter, windows, CPU))
+    assert perplexity(pruned, windows[:3])["nll"] == pytest.approx(result.rounds[2]["start"], rel=1e-5)
+    params = prunable_parameters(model, adapter)
+    achieved = sum(result.sparsity[k] * n for k, n in params.items()) / sum(params.values())
+    assert achieved == pytest.approx(0.6, abs=1e-9)
+
+
+def test_search_rounds_need_the_sequential_database(setup):
+    from prunekit.config import SearchParams
+    from prunekit.search import search_schedule
+
+    model, adapter, windows, db = setup
+    with pytest.raises(ConfigError, match="sequential"):
+        search_schedule(model, adapter, windows, 0.6, db.levels, SearchSpec(generations=1), fit_windows=2,
+                        database="dense", rounds=(1,), hessian_of=lambda i: {})
+    with pytest.raises(ValueError, match="sequential"):
+        SearchParams(database="dense", rounds=(5,))
+    with pytest.raises(ValueError, match=">= 0"):
+        SearchParams(rounds=(-1,))
