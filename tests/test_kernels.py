@@ -419,6 +419,37 @@ def test_mse_grid_clips_heavy_tails_and_never_does_worse_than_min_max():
         assert float(searched.grid(W)[0].mean()) < float(plain.grid(W)[0].mean())
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_mse_grid_on_a_pruned_w_is_the_whole_tensor_search_bit_for_bit(sym):
+    """On a mostly-zero W only the survivors are quantized in the search; the grids must equal
+    those of the plain search over the whole tensor (GPTQ's loop, written out here) exactly."""
+    torch.manual_seed(5)
+    W = torch.distributions.StudentT(3.0).sample((96, 64))
+    W[torch.rand(96, 64) < 0.7] = 0.0
+    W[7] = 0.0  # an all-zero row
+    spec = QuantSpec(bits=3, sym=sym, mse=True)
+    xmin, xmax = W.amin(dim=1).clamp(max=0), W.amax(dim=1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = xmax == xmin
+    xmin, xmax = xmin.masked_fill(empty, -1.0), xmax.masked_fill(empty, 1.0)
+    best = torch.full((96,), float("inf"))
+    scale = zero = None
+    for i in range(80):
+        p = 1 - i / 100
+        s = ((p * xmax - p * xmin) / spec.maxq).clamp(min=torch.finfo(torch.float32).tiny)
+        z = torch.full_like(s, 4.0) if sym else torch.round(-(p * xmin) / s)
+        err = (spec.quantize(W, s[:, None], z[:, None]) - W).abs().pow(2.4).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = s if scale is None else torch.where(better, s, scale)
+        zero = z if zero is None else torch.where(better, z, zero)
+    for view in (W, W.T.contiguous().T):  # the sweep passes transposed views
+        got = spec.grid(view)
+        assert torch.equal(got[0], scale) and torch.equal(got[1], zero)
+
+
 def test_mse_grid_through_gptq_and_joint_sparsegpt_stays_on_grid_and_sparse():
     W, X, H = problem(32, 96, seed=6)
     spec = QuantSpec(bits=4, groupsize=32, mse=True)

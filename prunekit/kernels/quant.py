@@ -12,6 +12,11 @@ _SHRINK_STEPS = 80  # mse grid: range factors 1, 0.99, ..., 0.21 (GPTQ: maxshrin
 _MSE_NORM = 2.4     # the error norm GPTQ's grid search minimises
 
 
+def _sparse(W: Tensor) -> bool:
+    """Mostly zeros (a pruned W), so that quantizing only the survivors pays."""
+    return bool(torch.count_nonzero(W) < W.numel() // 2)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How weights are quantized: a per-output-row grid, optionally per group of input columns.
@@ -80,11 +85,23 @@ class QuantSpec:
         scale, zero = self._range_grid(xmin, xmax)
         if not self.mse:
             return scale, zero
+        # Zeros quantize to exactly +0 on every grid, so their error terms are exactly 0: on a
+        # pruned W only the survivors are quantized, their errors put into a zero tensor of W's
+        # shape, and the row sums are those of the whole tensor, bit for bit.
+        flat = W.reshape(-1).nonzero().squeeze(1) if _sparse(W) else None
+        x = W.reshape(-1)[flat] if flat is not None else W
+        rows = torch.div(flat, W.shape[1], rounding_mode="floor") if flat is not None else None
+        errors = torch.zeros(W.shape, dtype=W.dtype, device=W.device)  # contiguous: W may be a view
         best = torch.full_like(scale, float("inf"))
         for i in range(_SHRINK_STEPS):
             p = 1 - i / 100
             s, z = self._range_grid(p * xmin, p * xmax)
-            err = self.quantize(W, s[:, None], z[:, None]).sub_(W).abs_().pow_(_MSE_NORM).sum(dim=1)
+            if flat is None:
+                err = self.quantize(W, s[:, None], z[:, None]).sub_(W).abs_().pow_(_MSE_NORM).sum(dim=1)
+            else:
+                e = self.quantize(x, s.index_select(0, rows), z.index_select(0, rows)).sub_(x).abs_().pow_(_MSE_NORM)
+                errors.view(-1).index_copy_(0, flat, e)
+                err = errors.sum(dim=1)
             better = err < best
             best = torch.where(better, err, best)
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
