@@ -44,7 +44,7 @@ from . import kernels
 from .config import ConfigError
 from .drivers import Step, call
 from .layerwise import LayerwiseRunner
-from .models import Adapter
+from .models import Adapter, decoder_layers
 from .sensitivity import OutputHead
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,6 @@ class LevelDatabase:
         hessian_of(i) gives layer i's dense Hessians {group key: H}; store_dtype (default: the
         weights' own) may be lower to halve the database's memory.
         """
-        from .models import decoder_layers
-
         weights = {i: _prune_levels(layer, adapter, hessian_of(i), levels, percdamp, blocksize, store_dtype)
                    for i, layer in enumerate(tqdm(decoder_layers(model, adapter), desc="level database", unit="layer"))}
         return cls(np.asarray(levels, dtype=float), weights)
@@ -234,8 +232,6 @@ def snap_schedule(init: dict[str, float], model: nn.Module, adapter: Adapter, le
                   unit: str = "linear") -> dict[str, float]:
     """A per-linear schedule moved onto the level grid with the parameter-weighted budget kept
     exactly at `target` (as `evolve` does with its `init`), e.g. to build a database along it."""
-    from .models import decoder_layers
-
     levels = np.asarray(levels, dtype=float)
     match = np.flatnonzero(np.isclose(levels, target, atol=1e-9))
     if not len(match):
@@ -387,6 +383,7 @@ def search_schedule(model: nn.Module, adapter: Adapter, windows: torch.Tensor, t
              if init is not None and along_init and database == "sequential" else None)
     fit = windows[:fit_windows]
     results: list[SearchResult] = []
+    rounds_log: list[dict] = []
     for r, generations in enumerate([spec.generations, *rounds]):
         t = time.time()
         db = step(database_for, database, model, adapter, windows, levels, target, hessian_of, device=device,
@@ -395,16 +392,15 @@ def search_schedule(model: nn.Module, adapter: Adapter, windows: torch.Tensor, t
         round_spec = SearchSpec(**{**spec.__dict__, "generations": int(generations), "seed": spec.seed + r})
         result = step(evolve, model, adapter, db, fit, target, round_spec, device=device,
                       init=results[-1].sparsity if results else init)
-        result.rounds = [{"generations": int(generations), "start": float(result.history["fitness"].iloc[0]),
-                          "fitness": result.fitness, "database_s": db_s, "search_s": result.seconds}]
+        rounds_log.append({"generations": int(generations), "start": float(result.history["fitness"].iloc[0]),
+                           "fitness": result.fitness, "database_s": db_s, "search_s": result.seconds})
         if r:
             log.info("search round %d, database along the schedule found: %.4f -> %.4f", r + 1,
-                     result.rounds[0]["start"], result.fitness)
+                     rounds_log[-1]["start"], result.fitness)
         results.append(result)
         along = result.sparsity
     first, last = results[0], results[-1]
     return SearchResult(last.sparsity, last.unit_sparsity,
                         pd.concat([x.history.assign(round=r) for r, x in enumerate(results)], ignore_index=True),
                         first.uniform_fitness, last.fitness, sum(x.evaluations for x in results),
-                        sum(x.seconds + x.rounds[0]["database_s"] for x in results), spec.__dict__.copy(),
-                        [x.rounds[0] for x in results])
+                        sum(x["search_s"] + x["database_s"] for x in rounds_log), spec.__dict__.copy(), rounds_log)

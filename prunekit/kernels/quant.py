@@ -12,11 +12,6 @@ _SHRINK_STEPS = 80  # mse grid: range factors 1, 0.99, ..., 0.21 (GPTQ: maxshrin
 _MSE_NORM = 2.4     # the error norm GPTQ's grid search minimises
 
 
-def _sparse(W: Tensor) -> bool:
-    """Mostly zeros (a pruned W), so that quantizing only the survivors pays."""
-    return bool(torch.count_nonzero(W) < W.numel() // 2)
-
-
 @dataclass(frozen=True)
 class QuantSpec:
     """How weights are quantized: a per-output-row grid, optionally per group of input columns.
@@ -88,9 +83,11 @@ class QuantSpec:
         # Zeros quantize to exactly +0 on every grid, so their error terms are exactly 0: on a
         # pruned W only the survivors are quantized, their errors put into a zero tensor of W's
         # shape, and the row sums are those of the whole tensor, bit for bit.
-        flat = W.reshape(-1).nonzero().squeeze(1) if _sparse(W) else None
-        x = W.reshape(-1)[flat] if flat is not None else W
-        rows = torch.div(flat, W.shape[1], rounding_mode="floor") if flat is not None else None
+        flat = W.reshape(-1).nonzero().squeeze(1)
+        if flat.numel() < W.numel() // 2:  # mostly zeros (a pruned W): quantizing only the survivors pays
+            x, rows = W.reshape(-1)[flat], torch.div(flat, W.shape[1], rounding_mode="floor")
+        else:
+            flat = None
         errors = torch.zeros(W.shape, dtype=W.dtype, device=W.device)  # contiguous: W may be a view
         best = torch.full_like(scale, float("inf"))
         for i in range(_SHRINK_STEPS):
