@@ -18,7 +18,8 @@ from prunekit.kernels import (
     sparsegpt_many,
     wanda,
 )
-from prunekit.kernels.masks import smallest
+from prunekit.kernels import sweep
+from prunekit.kernels.masks import _stable_sort_prefix, smallest
 
 
 def problem(d_out: int, d_in: int, *, n_tokens: int | None = None, seed: int = 0, dead: tuple[int, ...] = ()):
@@ -136,6 +137,10 @@ def test_smallest_is_the_stable_sort_prefix(case):
         expected = torch.zeros(n, dtype=torch.bool)
         expected[torch.argsort(x, stable=True)[:k]] = True
         assert torch.equal(smallest(x.view(250, 400), k).flatten(), expected)
+        # the GPU's path (one sort), into a float view of a wider buffer as the sweep uses it
+        out = torch.full((250, 800), 7.0)
+        _stable_sort_prefix(x.view(250, 400), k, out[:, 200:600])
+        assert torch.equal(out[:, 200:600].flatten(), expected.float()) and bool((out[:, :200] == 7).all())
     rows = x.view(250, 400)
     first = torch.argsort(rows, dim=1, stable=True)[:, :150]
     expected = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, first, True)
@@ -266,6 +271,23 @@ def test_sparsegpt_equals_eager_column_loop(kwargs):
     close = torch.isclose(res.weight.double(), expected, atol=1e-4, rtol=1e-4)
     assert float(close.float().mean()) > 0.99
     assert math.isclose(res.loss, loss, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("blocksize", [128, 40])
+def test_all_rows_at_once_solve_is_the_column_loop(monkeypatch, blocksize):
+    """The GPU's inner-block solve (batched triangular systems, one per row) gives the CPU
+    column loop's result; here forced on the CPU, with row chunks smaller than R."""
+    W, _, H = problem(48, 200, seed=3)
+    f = factorize(H)
+    Ws = [W[:30], W[30:]]
+    loop = sparsegpt_many(Ws, f, [0.7, 0.4], blocksize=blocksize)
+    monkeypatch.setattr(sweep, "_solve_all_rows_at_once", lambda Wt: True)
+    monkeypatch.setattr(sweep, "_BATCHED_BYTES", 5 * 40 * 40 * 4)  # 1 and 5 rows per chunk
+    at_once = sparsegpt_many(Ws, f, [0.7, 0.4], blocksize=blocksize)
+    for a, b in zip(loop, at_once):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+        assert torch.allclose(a.weight, b.weight, atol=1e-5, rtol=1e-4)
+        assert math.isclose(a.loss, b.loss, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=3, groupsize=16), QuantSpec(bits=2, sym=True)])

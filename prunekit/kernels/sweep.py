@@ -28,6 +28,13 @@ Where the time goes, and how it is avoided:
   exact zeros), and the views are made once.
 * Masks are float 0/1 tensors (bool arithmetic is several times slower on CPU) chosen by
   selection, not sorting.
+* On a GPU the per-column loop is bound by kernel launches, not arithmetic. When every entry
+  of an inner block is known to be pruned or kept (unstructured masks, chosen at the block
+  start, and fixed masks; not N:M or quantization, which decide column by column), the rows
+  of W are independent and the block is solved for all rows at once: row w of W, pruned set
+  D_m = diag(m), has errors e with e (I + N D_m) = w D_m, N the strictly upper part of the
+  inner block's T^-1 (the column loop is forward substitution in exactly this system), one
+  batched unit-triangular solve instead of two launches per column.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ from prunekit.kernels.quant import QuantSpec
 # Columns per inner block: large enough that the GEMMs dominate, small enough that the eager
 # rank-1 updates (inner_block x d_out each) stay in cache.
 _INNER = 16
+# Inner block of the all-rows-at-once solve, and the most bytes its batched (rows, w, w)
+# triangular systems may take at once.
+_BATCHED_INNER = 128
+_BATCHED_BYTES = 1 << 28
 
 
 def obs_sweep(
@@ -79,7 +90,8 @@ def obs_sweep(
     n, R = Wt.shape
     T, r = factor.T, factor.r
     r2 = r.square()
-    inner = _inner_size(blocksize, prunem)
+    all_rows = quant is None and not prunem and _solve_all_rows_at_once(Wt)
+    inner = min(_BATCHED_INNER, blocksize) if all_rows else _inner_size(blocksize, prunem)
     row_loss = torch.zeros(R, dtype=torch.float64, device=Wt.device)
     W0 = Wt.clone()
     width = min(blocksize, n)
@@ -128,30 +140,35 @@ def obs_sweep(
         for c in range(a, b, inner):
             e = min(c + inner, b)
             W_in = Wt[c:e]
-            u_rows = T_inv[c - a : e - a, c - a : e - a].triu(1).unbind(0)
-            for j in range(c, e):
-                if prunem and j % prunem == 0:
-                    scores = Wt[j : j + prunem].square().mul_(r2[j : j + prunem, None])
-                    smallest(scores, prunen, dim=0, out=mask[j - a : j - a + prunem])
-                w, err = w_rows[j], err_rows[j - a]
-                if quant is None:
-                    torch.mul(w, mask_rows[j - a], out=err)
-                else:
-                    g = col_group[j]
-                    if dynamic_grid and (j == 0 or col_group[j - 1] != g):
-                        hi = min(j + (quant.groupsize or n), n)
-                        values = _group_values(Wt, W0, T, V, j, hi, a=a, b=b)
-                        # Entries already known to be pruned must not widen the grid.
-                        top = min(hi, b)
-                        _zero_where(values[: top - j], mask[j - a : top - a])
-                        if fixed is not None and hi > b:
-                            _zero_where(values[b - j :], fixed[b:hi])
-                        scale_t[g], zero_t[g] = quant.grid(values.T)
-                    q = _zero_where(quant.quantize(w, scale_t[g], zero_t[g]), mask_rows[j - a])
-                    torch.sub(w, q, out=err)
-                    w.copy_(q)
-                if j + 1 < e:
-                    W_in.addr_(u_rows[j - c], err, alpha=-1)
+            if all_rows:
+                N = T_inv[c - a : e - a, c - a : e - a].triu(1)
+                _masked_errors(W_in, mask[c - a : e - a], N, out=E[c - a : e - a])
+                W_in.addmm_(N.T, E[c - a : e - a], alpha=-1)
+            else:
+                u_rows = T_inv[c - a : e - a, c - a : e - a].triu(1).unbind(0)
+                for j in range(c, e):
+                    if prunem and j % prunem == 0:
+                        scores = Wt[j : j + prunem].square().mul_(r2[j : j + prunem, None])
+                        smallest(scores, prunen, dim=0, out=mask[j - a : j - a + prunem])
+                    w, err = w_rows[j], err_rows[j - a]
+                    if quant is None:
+                        torch.mul(w, mask_rows[j - a], out=err)
+                    else:
+                        g = col_group[j]
+                        if dynamic_grid and (j == 0 or col_group[j - 1] != g):
+                            hi = min(j + (quant.groupsize or n), n)
+                            values = _group_values(Wt, W0, T, V, j, hi, a=a, b=b)
+                            # Entries already known to be pruned must not widen the grid.
+                            top = min(hi, b)
+                            _zero_where(values[: top - j], mask[j - a : top - a])
+                            if fixed is not None and hi > b:
+                                _zero_where(values[b - j :], fixed[b:hi])
+                            scale_t[g], zero_t[g] = quant.grid(values.T)
+                        q = _zero_where(quant.quantize(w, scale_t[g], zero_t[g]), mask_rows[j - a])
+                        torch.sub(w, q, out=err)
+                        w.copy_(q)
+                    if j + 1 < e:
+                        W_in.addr_(u_rows[j - c], err, alpha=-1)
             if e < b:
                 Wt[e:b].addmm_(T_inv[c - a : e - a, e - a :].T, E[c - a : e - a], alpha=-1)
 
@@ -162,6 +179,30 @@ def obs_sweep(
             delta = torch.sub(W0[a:b], block, out=scratch[: b - a])
             Wt[b:].addmm_(T[a:b, b:].T, delta)
     return row_loss, scale_t, zero_t
+
+
+def _solve_all_rows_at_once(Wt: Tensor) -> bool:
+    """Whether inner blocks with known masks are solved for all rows at once (on GPUs, where
+    the column loop is launch bound; on CPU the loop is faster)."""
+    return Wt.is_cuda
+
+
+def _masked_errors(W_in: Tensor, mask: Tensor, N: Tensor, *, out: Tensor) -> Tensor:
+    """Errors of an inner block (w, R) whose float 0/1 `mask` (w, R) is known, for all rows.
+
+    For row x of W (column x of W_in), with m its mask: e_j = m_j (w_j - sum_{i<j} e_i N_ij),
+    the column loop's recurrence, i.e. e (I + N D_m) = w D_m: a unit upper-triangular system
+    per row, solved batched in chunks of rows. Unpruned entries get exactly e_j = 0.
+    """
+    w, R = W_in.shape
+    chunk = max(1, _BATCHED_BYTES // (w * w * W_in.element_size()))
+    for x0 in range(0, R, chunk):
+        m = mask[:, x0 : x0 + chunk].T
+        A = N.unsqueeze(0) * m.unsqueeze(1)  # (rows, w, w): N_ij m_j; the unit diagonal is implied
+        B = torch.mul(W_in[:, x0 : x0 + chunk].T, m).unsqueeze(1)
+        errors = torch.linalg.solve_triangular(A, B, upper=True, left=False, unitriangular=True)
+        out[:, x0 : x0 + chunk] = errors.squeeze(1).T
+    return out
 
 
 def _zero_where(x: Tensor, mask: Tensor) -> Tensor:
