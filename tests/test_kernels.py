@@ -259,8 +259,12 @@ def test_sparsegpt_n_of_m_pattern(prunen, prunem):
         dict(sparsity=0.5, prunen=2, prunem=4, blocksize=16, quant=QuantSpec(bits=4, sym=True, groupsize=36)),
     ],
 )
-def test_sparsegpt_equals_eager_column_loop(kwargs):
-    """Blocked/lazy updates, inner blocks and group grids give the eager loop's result."""
+@pytest.mark.parametrize("classic", [False, True], ids=["deferred", "classic"])
+def test_sparsegpt_equals_eager_column_loop(monkeypatch, kwargs, classic):
+    """Blocked/lazy updates (in either form: through U, or deferred through T), inner blocks and
+    group grids give the eager loop's result."""
+    monkeypatch.setattr(sweep, "_classic_form_is_cheaper", lambda n, R, blocksize: classic)
+    kwargs = dict(kwargs)
     W, _, H = problem(32, 72, seed=7)
     f = factorize(H)
     res = sparsegpt(W, f, **kwargs)
@@ -273,10 +277,12 @@ def test_sparsegpt_equals_eager_column_loop(kwargs):
     assert math.isclose(res.loss, loss, rel_tol=1e-3)
 
 
+@pytest.mark.parametrize("classic", [False, True], ids=["deferred", "classic"])
 @pytest.mark.parametrize("blocksize", [128, 40])
-def test_all_rows_at_once_solve_is_the_column_loop(monkeypatch, blocksize):
+def test_all_rows_at_once_solve_is_the_column_loop(monkeypatch, blocksize, classic):
     """The GPU's inner-block solve (batched triangular systems, one per row) gives the CPU
     column loop's result; here forced on the CPU, with row chunks smaller than R."""
+    monkeypatch.setattr(sweep, "_classic_form_is_cheaper", lambda n, R, blocksize: classic)
     W, _, H = problem(48, 200, seed=3)
     f = factorize(H)
     Ws = [W[:30], W[30:]]
@@ -354,13 +360,16 @@ def test_sparsegpt_is_deterministic():
     ],
 )
 def test_sparsegpt_many_equals_separate_calls(sparsities, kwargs):
+    """Also across the two forms: the 48 rows swept together take the classic form (U), each
+    matrix alone the deferred one."""
+    assert sweep._classic_form_is_cheaper(96, 48, 48) and not sweep._classic_form_is_cheaper(96, 24, 48)
     _, _, H = problem(1, 96)
     f = factorize(H)
     g = torch.Generator().manual_seed(5)
     Ws = [torch.randn(rows, 96, generator=g) * scale for rows, scale in ((24, 1.0), (8, 3.0), (16, 0.1))]
-    together = sparsegpt_many(Ws, f, sparsities, blocksize=32, **kwargs)
+    together = sparsegpt_many(Ws, f, sparsities, blocksize=48, **kwargs)
     for W, p, res in zip(Ws, sparsities, together):
-        alone = sparsegpt(W, f, p, blocksize=32, **kwargs)
+        alone = sparsegpt(W, f, p, blocksize=48, **kwargs)
         assert torch.equal(res.weight == 0, alone.weight == 0)
         assert torch.allclose(res.weight, alone.weight, atol=1e-6, rtol=1e-5)
         assert math.isclose(res.loss, alone.loss, rel_tol=1e-5)
@@ -397,13 +406,15 @@ def test_gptq_on_grid_and_better_than_round_to_nearest(spec):
     assert output_error(W, res.weight, X) < output_error(W, rtn(W, spec), X)
 
 
+@pytest.mark.parametrize("keep_zeros", [True, False])
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, groupsize=24), QuantSpec(bits=3)])
-def test_gptq_keep_zeros_equals_eager_column_loop(spec):
+def test_gptq_keep_zeros_equals_eager_column_loop(spec, keep_zeros):
     W, _, H = problem(24, 64, seed=4)
     W = magnitude(W, 0.5).weight
-    res = gptq(W, H, spec, blocksize=16)
-    expected, loss = eager_reference(W, factorize(H).U, fixed=W == 0, spec=spec)
-    assert bool((res.weight[W == 0] == 0).all())
+    res = gptq(W, H, spec, blocksize=16, keep_zeros=keep_zeros)
+    expected, loss = eager_reference(W, factorize(H).U, fixed=W == 0 if keep_zeros else None, spec=spec)
+    if keep_zeros:
+        assert bool((res.weight[W == 0] == 0).all())
     assert float(torch.isclose(res.weight.double(), expected, atol=1e-4, rtol=1e-4).float().mean()) > 0.99
     assert math.isclose(res.loss, loss, rel_tol=1e-3)
 

@@ -8,7 +8,7 @@ encoded in the upper Cholesky factor U of H^-1 (U^T U = H^-1): the OBS cost of s
 q_j is (w_j - q_j)^2 / U_jj^2, and the optimal compensation moves every later column k by
 -(w_j - q_j) / U_jj · U_jk.
 
-We never form U. Write the damped Hessian as H = R R^T with R upper triangular (the Cholesky
+U is not needed in general. Write the damped Hessian as H = R R^T with R upper triangular (the Cholesky
 factor of H with rows and columns reversed); then H^-1 = R^-T R^-1, so U = R^-1 and
 1/U_jj = R_jj =: r_j. With T = R diag(r)^-1 (unit upper triangular, H = T diag(r)^2 T^T),
 summing the compensations of all columns before k gives
@@ -16,7 +16,8 @@ summing the compensations of all columns before k gives
     w_k when column k is reached = original w_k + sum_{j<k} (original w_j - q_j) · T_jk,
 
 so the sweep (sweep.py) needs T and r only: one Cholesky factorisation, and no inverse,
-which would cost as much again.
+which would cost as much again. (It forms U = HessianFactor.U only where that is cheaper than
+its block conversions: pruning matrices that are wide in d_out.)
 """
 
 from __future__ import annotations
@@ -108,18 +109,17 @@ def factorize(H: Tensor, percdamp: float = 0.01) -> HessianFactor:
         raise ValueError("H has negative diagonal entries; it is not a Hessian X^T X")
     dead = diag == 0
 
-    R = _reversed_cholesky(_damped(H, dead, percdamp, torch.float32))
-    if R is None:
+    factor = _unit_factor(_damped(H, dead, percdamp, torch.float32))
+    if factor is None:
         log.warning("fp32 Cholesky of the damped Hessian failed (d_in=%d); retrying in fp64", H.shape[0])
-        R = _reversed_cholesky(_damped(H, dead, percdamp, torch.float64))
-    if R is None or not all(math.isfinite(float(v)) for v in torch.aminmax(R)):
+        factor = _unit_factor(_damped(H, dead, percdamp, torch.float64))
+    if factor is None or not all(math.isfinite(float(v)) for v in torch.aminmax(factor[0])):
         raise ValueError(
             f"H is not positive definite even after damping with percdamp={percdamp}; "
             "increase percdamp or collect more calibration tokens"
         )
-    r = R.diagonal().clone()
-    T = (R / r).to(torch.float32).contiguous()
-    return HessianFactor(T=T, r=r.to(torch.float32), dead=dead, diag=diag)
+    T, r = factor
+    return HessianFactor(T=T.to(torch.float32), r=r.to(torch.float32), dead=dead, diag=diag)
 
 
 def _damped(H: Tensor, dead: Tensor, percdamp: float, dtype: torch.dtype) -> Tensor:
@@ -130,34 +130,47 @@ def _damped(H: Tensor, dead: Tensor, percdamp: float, dtype: torch.dtype) -> Ten
     return H
 
 
-def _reversed_cholesky(H: Tensor) -> Tensor | None:
-    """Upper-triangular R with H = R R^T (row-major), or None if H is not numerically positive
-    definite.
+def _unit_factor(H: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(T, r) with H = T diag(r)^2 T^T, T unit upper triangular, computed in place of H; None if
+    H is not numerically positive definite.
 
-    Blocked, from the last block column to the first: with
-    P = H[:e, s:e] - R[:e, e:] R[s:e, e:]^T, the diagonal block R[s:e, s:e] is the same kind of
-    factor of P[s:e] and R[:s, s:e] = P[:s] R[s:e, s:e]^-T. All but the small diagonal blocks
-    is GEMM work, about twice as fast as LAPACK's potrf on the CPU we benchmarked, and no
-    full-size flips or triangle zeroing are needed.
+    This is the Cholesky factor R = T diag(r) of H = R R^T with rows and columns reversed,
+    blocked from the last block column to the first: with P = H[:e, s:e] - R[:e, e:] R[s:e, e:]^T,
+    the diagonal block R[s:e, s:e] is the same kind of factor of P[s:e], and
+    R[:s, s:e] = P[:s] R[s:e, s:e]^-T. All but the small diagonal blocks is GEMM work, about
+    twice as fast as LAPACK's potrf on the CPU we benchmarked. Working in place on the (already
+    copied) H and writing T directly avoids two more n x n buffers, which on the CPU cost as
+    much as the arithmetic (fresh pages are zeroed by the kernel on first touch).
     """
     n = H.shape[0]
     if H.is_cuda:
         # One library call: on a GPU the blocked loop's many small steps cost more than they save.
         L_T, info = torch.linalg.cholesky_ex(H.flip(0, 1), upper=True)
-        return L_T.T.flip(0, 1) if int(info) == 0 else None
-    R = torch.zeros_like(H)
+        if int(info) != 0:
+            return None
+        R = L_T.T.flip(0, 1)
+        r = R.diagonal().clone()
+        return R.div_(r), r
+    r = H.new_empty(n)
     for e in range(n, 0, -_CHOLESKY_BLOCK):
         s = max(e - _CHOLESKY_BLOCK, 0)
-        P = torch.addmm(H[:e, s:e], R[:e, e:], R[s:e, e:].T, alpha=-1) if e < n else H[:e, s:e]
+        P = H[:e, s:e]
+        if e < n:
+            # R[:e, e:] R[s:e, e:]^T = T[:e, e:] diag(r)^2 T[s:e, e:]^T
+            P.addmm_(H[:e, e:], (H[s:e, e:] * r[e:].square()).T, alpha=-1)
         # J P J = L L^T gives P = (J L J)(J L J)^T with J L J upper triangular (J: reversal).
         L_T, info = torch.linalg.cholesky_ex(P[s:e].flip(0, 1), upper=True)
         if int(info) != 0:
             return None
         R_kk = L_T.T.flip(0, 1)
-        R[s:e, s:e] = R_kk
+        r[s:e] = R_kk.diagonal()
+        T_kk = R_kk.div_(r[s:e])
         if s > 0:
-            R[:s, s:e] = P[:s] @ _inverse_upper(R_kk).T
-    return R
+            # T[:s, s:e] = R[:s, s:e] diag(r)^-1 = P[:s] T_kk^-T diag(r)^-2
+            H[:s, s:e] = P[:s] @ _inverse_upper(T_kk).T.div_(r[s:e].square())
+        H[s:e, s:e] = T_kk
+        H[e:, s:e] = 0
+    return H, r
 
 
 def _inverse_upper(R: Tensor) -> Tensor:

@@ -37,9 +37,9 @@ def smallest(
     if dim is None:
         if scores.is_cuda:
             return _stable_sort_prefix(scores, k, out)
-        threshold = _kth_smallest(scores.reshape(-1), k)
+        threshold, at_most = _kth_smallest(scores.reshape(-1), k)
         torch.le(scores, threshold, out=out)
-        if int(out.sum(dtype=torch.float64)) != k:
+        if at_most != k:  # ties at the threshold: the lower positions go first
             out.copy_(_lower_ties_first(scores.reshape(-1), threshold, k, dim=0).view(scores.shape))
         return out
     if n <= _RANK_SELECT_MAX:
@@ -84,30 +84,35 @@ def _earlier(m: int, device: torch.device) -> Tensor:
     return torch.ones(m, m, device=device).triu(1)
 
 
-def _kth_smallest(x: Tensor, k: int) -> Tensor:
-    """The k-th smallest value of the 1-D tensor x (1-based), as a 0-dim tensor.
+def _kth_smallest(x: Tensor, k: int) -> tuple[Tensor, int]:
+    """The k-th smallest value t of the 1-D tensor x (1-based), as a 0-dim tensor, and how
+    many entries are <= t (k unless t is tied).
 
     kthvalue over a whole mask block is the largest cost of choosing a mask, so for large
-    inputs the answer is first bracketed by two order statistics of a fixed subsample (every
-    16th score), generous enough that the bracket is essentially never wrong, and kthvalue runs
-    only on the few scores inside it. The result is exact: when the bracket misses, the full
-    kthvalue is used.
+    inputs the answer is first bracketed by two order statistics lo <= hi of a fixed subsample
+    (every 16th score), generous enough that the bracket is essentially never wrong, and
+    kthvalue runs only on the few scores inside it. The result is exact: when the bracket
+    misses, the full kthvalue is used.
     """
     n = x.numel()
     if n < _SAMPLED_SELECT_MIN:
-        return x.kthvalue(k).values
-    sample = x[::_SAMPLE_STRIDE]
+        t = x.kthvalue(k).values
+        return t, int(torch.le(x, t).sum())
+    sample = x[::_SAMPLE_STRIDE].clone()  # contiguous: kthvalue would copy a strided view each time
     s = sample.numel()
     q = k / n
     margin = 6 * math.sqrt(q * (1 - q) / s) + 2 / s
     lo_rank, hi_rank = math.floor((q - margin) * s), math.ceil((q + margin) * s)
     lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else x.new_tensor(float("-inf"))
     hi = sample.kthvalue(hi_rank).values if hi_rank <= s else x.new_tensor(float("inf"))
-    rank = k - int(torch.lt(x, lo, out=torch.empty_like(x)).sum(dtype=torch.float64))
-    inside = x[(x >= lo) & (x <= hi)]
+    below = torch.lt(x, lo)
+    rank = k - int(below.sum())
+    inside = x[torch.le(x, hi).logical_xor_(below)]  # lo <= x <= hi, as x < lo implies x <= hi
     if 1 <= rank <= inside.numel():
-        return inside.kthvalue(rank).values
-    return x.kthvalue(k).values
+        t = inside.kthvalue(rank).values
+        return t, k - rank + int(torch.le(inside, t).sum())
+    t = x.kthvalue(k).values
+    return t, int(torch.le(x, t).sum())
 
 
 def n_of_m(scores: Tensor, prunen: int, prunem: int) -> Tensor:

@@ -99,7 +99,7 @@ def sparsegpt_many(
         Wt[factor.dead] = 0.0
 
     if not any(sparsities) and prunem == 0 and quant is None:
-        return [KernelResult(weight=_rows(Wt, r0, r1, W.dtype), loss=0.0) for W, (r0, r1) in zip(Ws, bounds)]
+        return [KernelResult(weight=w, loss=0.0) for w in _weights(Wt, Ws, bounds)]
 
     row_loss, scale_t, zero_t = obs_sweep(
         Wt,
@@ -111,10 +111,10 @@ def sparsegpt_many(
         quant=quant,
     )
     results = []
-    for W, (r0, r1) in zip(Ws, bounds):
+    for weight, (r0, r1) in zip(_weights(Wt, Ws, bounds), bounds):
         results.append(
             KernelResult(
-                weight=_rows(Wt, r0, r1, W.dtype),
+                weight=weight,
                 loss=float(row_loss[r0:r1].sum()) / 2,
                 scales=None if scale_t is None else scale_t[:, r0:r1].T.contiguous(),
                 zeros=None if zero_t is None else zero_t[:, r0:r1].T.contiguous(),
@@ -131,6 +131,12 @@ def _row_bounds(Ws: Sequence[Tensor]) -> list[tuple[int, int]]:
     return bounds
 
 
-def _rows(Wt: Tensor, r0: int, r1: int, dtype: torch.dtype) -> Tensor:
-    """Rows r0..r1-1 of W = Wt^T as a new contiguous tensor of `dtype`."""
-    return Wt[:, r0:r1].T.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+def _weights(Wt: Tensor, Ws: Sequence[Tensor], bounds: list[tuple[int, int]]) -> list[Tensor]:
+    """The swept matrices out of Wt = [W_1; W_2; ...]^T, contiguous, in their own dtypes.
+
+    One transpose of the whole Wt (torch's blocked transpose needs a contiguous destination of
+    the full shape; one per matrix into a slice is about twice as slow); fp32 results are row
+    ranges of it.
+    """
+    W_all = Wt.T.contiguous()
+    return [W_all[r0:r1] if W.dtype == W_all.dtype else W_all[r0:r1].to(W.dtype) for W, (r0, r1) in zip(Ws, bounds)]

@@ -16,6 +16,13 @@ factor, W_B = W0_B + (V_B - W0_B) T_BB^-1, when the block is reached. Inside the
 classic update with U_BB = diag(r_B)^-1 T_BB^-1 is used: column j moves column k of the
 block by -(w_j - q_j) · (T_BB^-1)_jk.
 
+For pruning alone of matrices wide in d_out (d_in^2 < 6 · blocksize · d_out, such as q/k/v or
+gate/up swept together), the paper's own form is cheaper: U = (T diag(r))^-1 is formed once
+(d_in^3 / 3 flops) and a block's errors reach all later columns at once,
+W_F -= (E_B diag(r_B)) U_BF, so no block conversions (2 · blocksize · d_in · d_out flops in
+all) and no copy of W0 are needed. Quantization keeps the deferred form: its group grids read
+current values of columns ahead of the sweep, which that form provides.
+
 Where the time goes, and how it is avoided:
 * Column j's update of all later columns is a rank-1 (BLAS2) update; done eagerly it dominates
   the run time and is memory bound. Updates are applied lazily at two levels instead: eagerly
@@ -92,11 +99,16 @@ def obs_sweep(
     r2 = r.square()
     all_rows = quant is None and not prunem and _solve_all_rows_at_once(Wt)
     inner = min(_BATCHED_INNER, blocksize) if all_rows else _inner_size(blocksize, prunem)
+    # Classic form (eager updates through U, no deferred form) where U costs less than the
+    # block conversions it saves; not with quantization, whose group grids read the deferred form.
+    U = factor.U if quant is None and _classic_form_is_cheaper(n, R, blocksize) else None
     row_loss = torch.zeros(R, dtype=torch.float64, device=Wt.device)
-    W0 = Wt.clone()
+    W0 = Wt.clone() if U is None else None
     width = min(blocksize, n)
     E_buf = Wt.new_empty(width, R)  # w_j - q_j of the current block
-    mask_buf = Wt.new_empty(width, R)  # float 0/1, 1 = pruned
+    # Float 0/1, 1 = pruned. Zeroed once: a block's selections overwrite their ranges and ranges
+    # at sparsity 0 are never written.
+    mask_buf = Wt.new_zeros(width, R)
     scratch = Wt.new_empty(width, R)
     fixed = fixed_mask.to(Wt.dtype) if fixed_mask is not None else None
     # Views made once: creating a view costs about as much as a small tensor operation.
@@ -117,26 +129,32 @@ def obs_sweep(
     for a in range(0, n, blocksize):
         b = min(a + blocksize, n)
         block, E, mask = Wt[a:b], E_buf[: b - a], mask_buf[: b - a]
-        # Inverse of the block's diagonal block of T (solving with a contiguous copy is faster).
-        eye = torch.eye(b - a, dtype=T.dtype, device=T.device)
-        T_inv = torch.linalg.solve_triangular(T[a:b, a:b].contiguous(), eye, upper=True, unitriangular=True)
+        if U is not None:
+            # (T_BB)^-1 = diag(r_B) U_BB: the block's rows of U scaled to a unit diagonal.
+            T_inv = torch.mul(U[a:b, a:b], r[a:b, None])
+        else:
+            # Inverse of the block's diagonal block of T (solving with a contiguous copy is faster).
+            eye = torch.eye(b - a, dtype=T.dtype, device=T.device)
+            T_inv = torch.linalg.solve_triangular(T[a:b, a:b].contiguous(), eye, upper=True, unitriangular=True)
         if dynamic_grid:
             V = V_buf[: b - a]
             V.copy_(block)
-        if a > 0:
+        if a > 0 and U is None:
             # Deferred form -> current values: W_B = W0_B + (V_B - W0_B) T_BB^-1 (transposed here).
             diff = torch.sub(block, W0[a:b], out=scratch[: b - a])
             torch.addmm(W0[a:b], T_inv.T, diff, out=block)
 
         if fixed is not None:
             mask.copy_(fixed[a:b])
+        elif prunem:
+            mask.zero_()  # groups not reached yet must read as kept (a group grid looks ahead)
         else:
-            mask.zero_()  # N:M masks are filled in as their groups are reached
             for r0, r1, sparsity in segments:
-                if sparsity > 0 and not prunem:
+                if sparsity > 0:
                     scores = block[:, r0:r1].square().mul_(r2[a:b, None])
                     smallest(scores, count_to_prune(sparsity, scores.numel()), out=mask[:, r0:r1])
 
+        strict = T_inv.triu(1)
         for c in range(a, b, inner):
             e = min(c + inner, b)
             W_in = Wt[c:e]
@@ -145,7 +163,7 @@ def obs_sweep(
                 _masked_errors(W_in, mask[c - a : e - a], N, out=E[c - a : e - a])
                 W_in.addmm_(N.T, E[c - a : e - a], alpha=-1)
             else:
-                u_rows = T_inv[c - a : e - a, c - a : e - a].triu(1).unbind(0)
+                u_rows = strict[c - a : e - a, c - a : e - a].unbind(0)
                 for j in range(c, e):
                     if prunem and j % prunem == 0:
                         scores = Wt[j : j + prunem].square().mul_(r2[j : j + prunem, None])
@@ -174,11 +192,20 @@ def obs_sweep(
 
         if quant is None:
             _zero_where(block, mask)  # survivors keep their values
-        row_loss += torch.mul(E, r[a:b, None], out=scratch[: b - a]).square_().sum(dim=0)
-        if b < n:
+        scaled = torch.mul(E, r[a:b, None], out=scratch[: b - a])  # (w_j - q_j) / U_jj
+        if b < n and U is not None:
+            Wt[b:].addmm_(U[a:b, b:].T, scaled, alpha=-1)
+        row_loss += scaled.square_().sum(dim=0)
+        if b < n and U is None:
             delta = torch.sub(W0[a:b], block, out=scratch[: b - a])
             Wt[b:].addmm_(T[a:b, b:].T, delta)
     return row_loss, scale_t, zero_t
+
+
+def _classic_form_is_cheaper(n: int, R: int, blocksize: int) -> bool:
+    """Whether U = (T diag(r))^-1 (about n^3 / 3 flops) costs less than the deferred form's
+    block conversions (2 · blocksize · n · R flops), i.e. for matrices wide in R."""
+    return n * n < 6 * blocksize * R
 
 
 def _solve_all_rows_at_once(Wt: Tensor) -> bool:
