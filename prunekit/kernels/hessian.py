@@ -8,8 +8,8 @@ encoded in the upper Cholesky factor U of H^-1 (U^T U = H^-1): the OBS cost of s
 q_j is (w_j - q_j)^2 / U_jj^2, and the optimal compensation moves every later column k by
 -(w_j - q_j) / U_jj · U_jk.
 
-U is not needed in general. Write the damped Hessian as H = R R^T with R upper triangular (the Cholesky
-factor of H with rows and columns reversed); then H^-1 = R^-T R^-1, so U = R^-1 and
+U itself is rarely needed. Write the damped Hessian as H = R R^T with R upper triangular (the
+Cholesky factor of H with rows and columns reversed); then H^-1 = R^-T R^-1, so U = R^-1 and
 1/U_jj = R_jj =: r_j. With T = R diag(r)^-1 (unit upper triangular, H = T diag(r)^2 T^T),
 summing the compensations of all columns before k gives
 

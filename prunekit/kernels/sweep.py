@@ -159,7 +159,7 @@ def obs_sweep(
             e = min(c + inner, b)
             W_in = Wt[c:e]
             if all_rows:
-                N = T_inv[c - a : e - a, c - a : e - a].triu(1)
+                N = strict[c - a : e - a, c - a : e - a]
                 _masked_errors(W_in, mask[c - a : e - a], N, out=E[c - a : e - a])
                 W_in.addmm_(N.T, E[c - a : e - a], alpha=-1)
             else:
