@@ -312,9 +312,12 @@ def table(args) -> None:
     results: dict = {}
     for path in args.results:
         results.update({k: v for k, v in json.loads(Path(path).read_text()).items() if isinstance(v, dict)})
-    def plain(name):  # unstructured sequential SparseGPT without quantization
+    def sequential_sparsegpt(c):  # unstructured, sequential SparseGPT (quantized or not)
+        return c[0] == "sparsegpt" and c[2] == "unstructured" and c[4] == "sequential"
+
+    def plain(name):  # the same without quantization
         c = CONFIGS.get(name)
-        return c is not None and c[0] == "sparsegpt" and c[2] == "unstructured" and c[4] == "sequential" and not c[5]
+        return c is not None and sequential_sparsegpt(c) and not c[5]
 
     uniform = {CONFIGS[n][1]: r["wikitext2"] for n, r in results.items() if plain(n) and CONFIGS[n][3] == "uniform"}
     print("| config | target | wikitext2 test | valid | c4 | vs uniform (test) |")
@@ -323,7 +326,7 @@ def table(args) -> None:
         target = round(r.get("sparsity", 0), 2)
         valid = f"{r['wikitext2-valid']:.2f}" if "wikitext2-valid" in r else ""
         c = CONFIGS.get(name)  # renamed runs (--as) are searches; quantized ones compare with the pruned model
-        comparable = c is None or (c[0] == "sparsegpt" and c[2] == "unstructured" and c[4] == "sequential")
+        comparable = c is None or sequential_sparsegpt(c)
         ratio = f"{r['wikitext2'] / uniform[target]:.2f}" if target in uniform and comparable else ""
         print(f"| {name} | {target:.2f} | {r['wikitext2']:.2f} | {valid} | {r['c4']:.2f} | {ratio} |")
 

@@ -95,9 +95,17 @@ def _kth_smallest(x: Tensor, k: int) -> tuple[Tensor, int]:
     misses, the full kthvalue is used.
     """
     n = x.numel()
-    if n < _SAMPLED_SELECT_MIN:
-        t = x.kthvalue(k).values
-        return t, int(torch.le(x, t).sum())
+    if n >= _SAMPLED_SELECT_MIN:
+        bracketed = _kth_smallest_bracketed(x, k)
+        if bracketed is not None:
+            return bracketed
+    t = x.kthvalue(k).values
+    return t, int(torch.le(x, t).sum())
+
+
+def _kth_smallest_bracketed(x: Tensor, k: int) -> tuple[Tensor, int] | None:
+    """`_kth_smallest` by the subsample bracket, or None when the bracket misses the answer."""
+    n = x.numel()
     sample = x[::_SAMPLE_STRIDE].clone()  # contiguous: kthvalue would copy a strided view each time
     s = sample.numel()
     q = k / n
@@ -108,11 +116,10 @@ def _kth_smallest(x: Tensor, k: int) -> tuple[Tensor, int]:
     below = torch.lt(x, lo)
     rank = k - int(below.sum())
     inside = x[torch.le(x, hi).logical_xor_(below)]  # lo <= x <= hi, as x < lo implies x <= hi
-    if 1 <= rank <= inside.numel():
-        t = inside.kthvalue(rank).values
-        return t, k - rank + int(torch.le(inside, t).sum())
-    t = x.kthvalue(k).values
-    return t, int(torch.le(x, t).sum())
+    if not 1 <= rank <= inside.numel():
+        return None
+    t = inside.kthvalue(rank).values
+    return t, k - rank + int(torch.le(inside, t).sum())
 
 
 def n_of_m(scores: Tensor, prunen: int, prunem: int) -> Tensor:

@@ -83,12 +83,13 @@ class QuantSpec:
         # Zeros quantize to exactly +0 on every grid, so their error terms are exactly 0: on a
         # pruned W only the survivors are quantized, their errors put into a zero tensor of W's
         # shape, and the row sums are those of the whole tensor, bit for bit.
-        flat = W.reshape(-1).nonzero().squeeze(1)
+        values = W.reshape(-1)  # a copy when W is a view: made once
+        flat = values.nonzero().squeeze(1)
         if flat.numel() < W.numel() // 2:  # mostly zeros (a pruned W): quantizing only the survivors pays
-            x, rows = W.reshape(-1)[flat], torch.div(flat, W.shape[1], rounding_mode="floor")
+            x, rows = values[flat], torch.div(flat, W.shape[1], rounding_mode="floor")
+            errors = torch.zeros(W.shape, dtype=W.dtype, device=W.device)
         else:
             flat = None
-        errors = torch.zeros(W.shape, dtype=W.dtype, device=W.device)  # contiguous: W may be a view
         best = torch.full_like(scale, float("inf"))
         for i in range(_SHRINK_STEPS):
             p = 1 - i / 100
