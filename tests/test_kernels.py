@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from prunekit.kernels import (
     sparsegpt_many,
     wanda,
 )
-from prunekit.kernels import sweep
+from prunekit.kernels import native, sweep
 from prunekit.kernels.masks import _stable_sort_prefix, smallest
 
 
@@ -115,6 +117,17 @@ def on_grid(weight: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec, grou
     assert torch.allclose(k, k.round(), atol=1e-4), float((k - k.round()).abs().max())
     assert float(k.round().min()) >= 0 and float(k.round().max()) <= spec.maxq
     assert torch.equal(zeros, zeros.round())
+
+
+def use_compiled_sweep(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """Run the CPU sweep with the compiled block kernel (which must then build: a C compiler
+    is on PATH) or with the PyTorch column loop."""
+    if not compiled:
+        monkeypatch.setattr(native, "available", lambda: False)
+    elif os.environ.get("CC") is None and not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler: the compiled block kernel cannot be built here")
+    else:
+        assert native.available(), "a C compiler is on PATH but the native sweep kernel did not build"
 
 
 # --- mask selection ------------------------------------------------------------------------
@@ -260,10 +273,12 @@ def test_sparsegpt_n_of_m_pattern(prunen, prunem):
     ],
 )
 @pytest.mark.parametrize("classic", [False, True], ids=["deferred", "classic"])
-def test_sparsegpt_equals_eager_column_loop(monkeypatch, kwargs, classic):
-    """Blocked/lazy updates (in either form: through U, or deferred through T), inner blocks and
-    group grids give the eager loop's result."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-loop", "compiled"])
+def test_sparsegpt_equals_eager_column_loop(monkeypatch, kwargs, classic, compiled):
+    """Blocked/lazy updates (in either form: through U, or deferred through T), inner blocks or
+    the compiled block kernel, and group grids give the eager loop's result."""
     monkeypatch.setattr(sweep, "_classic_form_is_cheaper", lambda n, R, blocksize: classic)
+    use_compiled_sweep(monkeypatch, compiled)
     kwargs = dict(kwargs)
     W, _, H = problem(32, 72, seed=7)
     f = factorize(H)
@@ -279,21 +294,70 @@ def test_sparsegpt_equals_eager_column_loop(monkeypatch, kwargs, classic):
 
 @pytest.mark.parametrize("classic", [False, True], ids=["deferred", "classic"])
 @pytest.mark.parametrize("blocksize", [128, 40])
-def test_all_rows_at_once_solve_is_the_column_loop(monkeypatch, blocksize, classic):
-    """The GPU's inner-block solve (batched triangular systems, one per row) gives the CPU
-    column loop's result; here forced on the CPU, with row chunks smaller than R."""
+@pytest.mark.parametrize("path", ["all-rows-solve", "compiled"])
+def test_known_mask_block_paths_are_the_column_loop(monkeypatch, blocksize, classic, path):
+    """The GPU's inner-block solve (batched triangular systems, one per row; here forced on the
+    CPU, with row chunks smaller than R) and the CPU's compiled block kernel give the PyTorch
+    column loop's result."""
     monkeypatch.setattr(sweep, "_classic_form_is_cheaper", lambda n, R, blocksize: classic)
-    W, _, H = problem(48, 200, seed=3)
+    W, _, H = problem(53, 200, seed=3)  # 53 rows: tiles of the compiled kernel left partial
     f = factorize(H)
     Ws = [W[:30], W[30:]]
+    use_compiled_sweep(monkeypatch, False)
     loop = sparsegpt_many(Ws, f, [0.7, 0.4], blocksize=blocksize)
-    monkeypatch.setattr(sweep, "_solve_all_rows_at_once", lambda Wt: True)
-    monkeypatch.setattr(sweep, "_BATCHED_BYTES", 5 * 40 * 40 * 4)  # 1 and 5 rows per chunk
-    at_once = sparsegpt_many(Ws, f, [0.7, 0.4], blocksize=blocksize)
-    for a, b in zip(loop, at_once):
+    if path == "all-rows-solve":
+        monkeypatch.setattr(sweep, "_solve_all_rows_at_once", lambda Wt: True)
+        monkeypatch.setattr(sweep, "_BATCHED_BYTES", 5 * 40 * 40 * 4)  # 1 and 5 rows per chunk
+    else:
+        monkeypatch.undo()
+        monkeypatch.setattr(sweep, "_classic_form_is_cheaper", lambda n, R, blocksize: classic)
+        use_compiled_sweep(monkeypatch, True)
+    other = sparsegpt_many(Ws, f, [0.7, 0.4], blocksize=blocksize)
+    for a, b in zip(loop, other):
         assert torch.equal(a.weight == 0, b.weight == 0)
         assert torch.allclose(a.weight, b.weight, atol=1e-5, rtol=1e-4)
         assert math.isclose(a.loss, b.loss, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("width, rows", [(128, 64), (40, 37), (16, 1)])
+def test_compiled_block_is_the_eager_column_loop_bit_for_bit(monkeypatch, width, rows):
+    """The C kernel on a block view of a wider W^T (row stride > R; 37 rows: a partial vector
+    tile; width 40: a partial register block) equals the column loop exactly: the same
+    operations in the same order for every entry, no floating point contraction."""
+    use_compiled_sweep(monkeypatch, True)
+    g = torch.Generator().manual_seed(11)
+    Wt = torch.randn(width + 8, rows + 5, generator=g)
+    block = Wt[4 : 4 + width, 2 : 2 + rows]
+    mask = (torch.rand(width, rows, generator=g) < 0.6).float()
+    N = (0.3 * torch.randn(width, width, generator=g)).triu(1)
+    expected, expected_err = block.clone(), torch.empty(width, rows)
+    for j in range(width):
+        e = expected[j] * mask[j]
+        expected_err[j] = e
+        expected[j + 1 :] -= N[j, j + 1 :, None] * e
+        expected[j] -= e
+    untouched = Wt.clone()
+    err = torch.full((width, rows), float("nan"))
+    native.masked_block(block, mask, N, err)
+    assert torch.equal(block, expected) and torch.equal(err, expected_err)
+    assert bool((block[mask == 1] == 0).all())
+    outside = torch.ones_like(Wt, dtype=torch.bool)
+    outside[4 : 4 + width, 2 : 2 + rows] = False
+    assert torch.equal(Wt[outside], untouched[outside])
+
+
+def test_sweep_falls_back_to_the_torch_loop_without_the_compiled_kernel(monkeypatch, caplog):
+    """PRUNEKIT_NATIVE=0 or a missing compiler: no kernel, a log line, and the sweep still runs."""
+    monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
+    assert native._kernel.__wrapped__() is None
+    monkeypatch.setenv("PRUNEKIT_NATIVE", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level("WARNING", logger="prunekit.kernels.native"):
+        assert native._kernel.__wrapped__() is None
+    assert "could not build the native sweep kernel" in caplog.text
+    monkeypatch.setattr(native, "_kernel", native._kernel.__wrapped__)
+    W, _, H = problem(16, 40)
+    assert int((sparsegpt(W, factorize(H), 0.5, blocksize=16).weight == 0).sum()) == 16 * 40 // 2
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=3, groupsize=16), QuantSpec(bits=2, sym=True)])

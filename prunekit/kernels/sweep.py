@@ -42,6 +42,10 @@ Where the time goes, and how it is avoided:
   D_m = diag(m), has errors e with e (I + N D_m) = w D_m, N the strictly upper part of the
   inner block's T^-1 (the column loop is forward substitution in exactly this system), one
   batched unit-triangular solve instead of two launches per column.
+* On a CPU the same case (masks known at the block start) is one call per block into a small
+  compiled C kernel (native.py), which runs the column loop on vector tiles of rows of W with
+  no per-column dispatch and equals the PyTorch loop bit for bit; without a C compiler the
+  PyTorch loop runs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from prunekit.kernels import native
 from prunekit.kernels.hessian import HessianFactor
 from prunekit.kernels.masks import count_to_prune, smallest
 from prunekit.kernels.quant import QuantSpec
@@ -97,7 +102,11 @@ def obs_sweep(
     n, R = Wt.shape
     T, r = factor.T, factor.r
     r2 = r.square()
-    all_rows = quant is None and not prunem and _solve_all_rows_at_once(Wt)
+    # With a block's mask known at its start, its rows are independent: solved all at once on a
+    # GPU, by the compiled block kernel on the CPU.
+    known_masks = quant is None and not prunem
+    compiled = known_masks and not Wt.is_cuda and native.available()
+    all_rows = known_masks and _solve_all_rows_at_once(Wt)
     inner = min(_BATCHED_INNER, blocksize) if all_rows else _inner_size(blocksize, prunem)
     # Classic form (eager updates through U, no deferred form) where U costs less than the
     # block conversions it saves; not with quantization, whose group grids read the deferred form.
@@ -111,8 +120,10 @@ def obs_sweep(
     mask_buf = Wt.new_zeros(width, R)
     scratch = Wt.new_empty(width, R)
     fixed = fixed_mask.to(Wt.dtype) if fixed_mask is not None else None
-    # Views made once: creating a view costs about as much as a small tensor operation.
-    w_rows, err_rows, mask_rows = _rows(Wt), _rows(E_buf), _rows(mask_buf)
+    # Views for the column loop, made once: creating a view costs about as much as a small
+    # tensor operation.
+    column_loop = not compiled and not all_rows
+    w_rows, err_rows, mask_rows = (_rows(x) for x in (Wt, E_buf, mask_buf)) if column_loop else ([], [], [])
 
     dynamic_grid = quant is not None and static_grid is None
     if quant is None:
@@ -155,43 +166,46 @@ def obs_sweep(
                     smallest(scores, count_to_prune(sparsity, scores.numel()), out=mask[:, r0:r1])
 
         strict = T_inv.triu(1)
-        for c in range(a, b, inner):
-            e = min(c + inner, b)
-            W_in = Wt[c:e]
-            if all_rows:
-                N = strict[c - a : e - a, c - a : e - a]
-                _masked_errors(W_in, mask[c - a : e - a], N, out=E[c - a : e - a])
-                W_in.addmm_(N.T, E[c - a : e - a], alpha=-1)
-            else:
-                u_rows = strict[c - a : e - a, c - a : e - a].unbind(0)
-                for j in range(c, e):
-                    if prunem and j % prunem == 0:
-                        scores = Wt[j : j + prunem].square().mul_(r2[j : j + prunem, None])
-                        smallest(scores, prunen, dim=0, out=mask[j - a : j - a + prunem])
-                    w, err = w_rows[j], err_rows[j - a]
-                    if quant is None:
-                        torch.mul(w, mask_rows[j - a], out=err)
-                    else:
-                        g = col_group[j]
-                        if dynamic_grid and (j == 0 or col_group[j - 1] != g):
-                            hi = min(j + (quant.groupsize or n), n)
-                            values = _group_values(Wt, W0, T, V, j, hi, a=a, b=b)
-                            # Entries already known to be pruned must not widen the grid.
-                            top = min(hi, b)
-                            _zero_where(values[: top - j], mask[j - a : top - a])
-                            if fixed is not None and hi > b:
-                                _zero_where(values[b - j :], fixed[b:hi])
-                            scale_t[g], zero_t[g] = quant.grid(values.T)
-                        q = _zero_where(quant.quantize(w, scale_t[g], zero_t[g]), mask_rows[j - a])
-                        torch.sub(w, q, out=err)
-                        w.copy_(q)
-                    if j + 1 < e:
-                        W_in.addr_(u_rows[j - c], err, alpha=-1)
-            if e < b:
-                Wt[e:b].addmm_(T_inv[c - a : e - a, e - a :].T, E[c - a : e - a], alpha=-1)
+        if compiled:
+            native.masked_block(block, mask, strict, E)  # the pruned entries become exactly 0
+        else:
+            for c in range(a, b, inner):
+                e = min(c + inner, b)
+                W_in = Wt[c:e]
+                if all_rows:
+                    N = strict[c - a : e - a, c - a : e - a]
+                    _masked_errors(W_in, mask[c - a : e - a], N, out=E[c - a : e - a])
+                    W_in.addmm_(N.T, E[c - a : e - a], alpha=-1)
+                else:
+                    u_rows = strict[c - a : e - a, c - a : e - a].unbind(0)
+                    for j in range(c, e):
+                        if prunem and j % prunem == 0:
+                            scores = Wt[j : j + prunem].square().mul_(r2[j : j + prunem, None])
+                            smallest(scores, prunen, dim=0, out=mask[j - a : j - a + prunem])
+                        w, err = w_rows[j], err_rows[j - a]
+                        if quant is None:
+                            torch.mul(w, mask_rows[j - a], out=err)
+                        else:
+                            g = col_group[j]
+                            if dynamic_grid and (j == 0 or col_group[j - 1] != g):
+                                hi = min(j + (quant.groupsize or n), n)
+                                values = _group_values(Wt, W0, T, V, j, hi, a=a, b=b)
+                                # Entries already known to be pruned must not widen the grid.
+                                top = min(hi, b)
+                                _zero_where(values[: top - j], mask[j - a : top - a])
+                                if fixed is not None and hi > b:
+                                    _zero_where(values[b - j :], fixed[b:hi])
+                                scale_t[g], zero_t[g] = quant.grid(values.T)
+                            q = _zero_where(quant.quantize(w, scale_t[g], zero_t[g]), mask_rows[j - a])
+                            torch.sub(w, q, out=err)
+                            w.copy_(q)
+                        if j + 1 < e:
+                            W_in.addr_(u_rows[j - c], err, alpha=-1)
+                if e < b:
+                    Wt[e:b].addmm_(T_inv[c - a : e - a, e - a :].T, E[c - a : e - a], alpha=-1)
 
-        if quant is None:
-            _zero_where(block, mask)  # survivors keep their values
+            if quant is None:
+                _zero_where(block, mask)  # survivors keep their values
         scaled = torch.mul(E, r[a:b, None], out=scratch[: b - a])  # (w_j - q_j) / U_jj
         if b < n and U is not None:
             Wt[b:].addmm_(U[a:b, b:].T, scaled, alpha=-1)
@@ -210,7 +224,7 @@ def _classic_form_is_cheaper(n: int, R: int, blocksize: int) -> bool:
 
 def _solve_all_rows_at_once(Wt: Tensor) -> bool:
     """Whether inner blocks with known masks are solved for all rows at once (on GPUs, where
-    the column loop is launch bound; on CPU the loop is faster)."""
+    the column loop is launch bound; on the CPU the loop, compiled or not, is faster)."""
     return Wt.is_cuda
 
 

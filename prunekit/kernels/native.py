@@ -1,0 +1,111 @@
+"""The sweep's inner block compiled for the CPU (native_sweep.c), built on first use.
+
+On a CPU the per-column loop of sweep.py costs two PyTorch operations per column, bound by
+their dispatch, not by arithmetic. When a block's mask is known at its start (unstructured
+SparseGPT, fixed masks), the whole block is one call into a small C kernel instead. It runs on
+the calling thread: run beside PyTorch's OpenMP workers, which keep spinning for a while after
+each operation, a second thread made it slower on two cores, not faster.
+
+The C source is compiled once per process with the system C compiler ($CC, else cc, gcc or
+clang) into a temporary file (about 0.3 s; nothing is cached on disk, so a shared home
+directory never serves a library built for another CPU). It is built without floating point
+contraction, so its results equal the PyTorch column loop's bit for bit and do not depend on
+the instruction set or the thread count. Without a compiler, or with PRUNEKIT_NATIVE=0, the
+sweep keeps the PyTorch loop (same arithmetic, slower) and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("native_sweep.c")
+_FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
+# Tried first; compilers or targets without it get the portable build.
+_TUNED_FLAGS = ["-march=native"]
+
+
+def available() -> bool:
+    """Whether the compiled block kernel can be used (compiles it on the first call)."""
+    return _kernel() is not None
+
+
+def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
+    """Sweep one block of W^T with a known mask, in place (sweep.py's column loop, compiled).
+
+    block, mask, err: (w, R) fp32 CPU with contiguous rows; mask is 0/1 (1 = pruned). N: (w, w)
+    the strictly upper part of the block's T^-1. For every column x of block (row of W),
+    e_j = m_j w_j, w_j -= e_j, w_k -= N_jk e_j for k > j, in order of j; err receives e (0 where
+    kept) and the pruned entries of block become exactly 0.
+    """
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the native sweep kernel is not available (see native.available())")
+    width, R = block.shape
+    for x in (block, mask, err):
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape != (width, R) or x.stride(1) != 1:
+            raise ValueError("block, mask and err must be (w, R) fp32 CPU tensors with contiguous rows")
+    if N.shape != (width, width) or N.dtype != torch.float32 or N.device.type != "cpu":
+        raise ValueError(f"N must be ({width}, {width}) fp32 on the CPU, got {tuple(N.shape)} {N.dtype} {N.device}")
+    L = N.T.contiguous()  # row k: the coefficients column k receives
+
+    code = kernel(
+        block.data_ptr(), block.stride(0), mask.data_ptr(), mask.stride(0), err.data_ptr(), err.stride(0),
+        L.data_ptr(), width, 0, R,
+    )
+    if code != 0:
+        raise MemoryError("the native sweep kernel could not allocate its work buffer")
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:
+    if os.environ.get("PRUNEKIT_NATIVE", "1") == "0":
+        log.info("PRUNEKIT_NATIVE=0: the sweep uses the PyTorch column loop on the CPU")
+        return None
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None:
+        log.warning("no C compiler found: the sweep uses the PyTorch column loop on the CPU (same results, slower)")
+        return None
+    with tempfile.TemporaryDirectory(prefix="prunekit-native-", ignore_cleanup_errors=True) as tmp:
+        library = Path(tmp) / "native_sweep.so"
+        errors = ""
+        for flags in (_TUNED_FLAGS + _FLAGS, _FLAGS):
+            try:
+                done = subprocess.run(
+                    [compiler, *flags, str(_SOURCE), "-o", str(library)], capture_output=True, text=True, timeout=120
+                )
+            except (OSError, subprocess.TimeoutExpired) as e:
+                errors = str(e)
+                break
+            if done.returncode == 0:
+                errors = ""
+                break
+            errors = done.stderr.strip()
+        lib = None
+        if not errors:
+            try:
+                lib = ctypes.CDLL(str(library))
+            except OSError as e:
+                errors = str(e)
+    if lib is None:
+        log.warning(
+            "could not build the native sweep kernel with %s (%s): the sweep uses the PyTorch column loop on the CPU",
+            compiler, errors.splitlines()[-1] if errors else "no output",
+        )
+        return None
+    kernel = lib.prunekit_masked_block
+    size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
+    kernel.argtypes = [ptr, size, ptr, size, ptr, size, ptr, ctypes.c_int, size, size]
+    kernel.restype = ctypes.c_int
+    return kernel

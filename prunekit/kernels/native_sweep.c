@@ -1,0 +1,108 @@
+/* One block of the OBS column sweep with a known mask, compiled for the CPU (see native.py).
+ *
+ * The block is Wt[0:width, col0:col1] of W^T (rows = columns of W). With the block's mask
+ * known, the columns of Wt (rows of W) are independent and each one runs the column loop
+ *
+ *     for j: e_j = m_j * w_j;  w_j -= e_j;  w_k -= N_jk * e_j  for k > j,
+ *
+ * N the strictly upper part of the block's T^-1: exactly what the Python loop in sweep.py
+ * does, in the same order for every entry, without its per-column dispatch cost.
+ *
+ * The work is done on tiles of LANES adjacent columns of Wt, held as vectors (one vector per
+ * row of the block, so a lane is a row of W). Updates are blocked by SUB rows: the SUB x SUB
+ * triangle is solved in registers, then each later row k of the block is loaded once, receives
+ * the SUB updates, and is stored once. Each w_k still receives its updates one at a time in
+ * ascending j, so, compiled without floating point contraction, the results equal the column
+ * loop bit for bit, on every instruction set. */
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define SUB 16
+
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+
+/* t[j]: the tile's values of row j of the block; m[j]: its 0/1 mask (1 = pruned), replaced by
+ * the errors e_j. L[k * width + j] = N_jk. */
+static void sweep_tile(vf *t, vf *m, const float *L, int width)
+{
+    for (int s = 0; s < width; s += SUB) {
+        const int sub = width - s < SUB ? width - s : SUB;
+        vf e[SUB];
+        if (sub == SUB) { /* constant trip counts: the triangle and the errors stay in registers */
+            vf v[SUB];
+            for (int j = 0; j < SUB; ++j)
+                v[j] = t[s + j];
+            for (int j = 0; j < SUB; ++j) {
+                e[j] = v[j] * m[s + j];
+                v[j] -= e[j];
+                for (int k = j + 1; k < SUB; ++k)
+                    v[k] -= L[(ptrdiff_t)(s + k) * width + s + j] * e[j];
+            }
+            for (int j = 0; j < SUB; ++j) {
+                t[s + j] = v[j];
+                m[s + j] = e[j];
+            }
+            for (int k = s + SUB; k < width; ++k) {
+                const float *lk = L + (ptrdiff_t)k * width + s;
+                vf acc = t[k];
+                for (int j = 0; j < SUB; ++j)
+                    acc -= lk[j] * e[j];
+                t[k] = acc;
+            }
+        } else {
+            for (int j = 0; j < sub; ++j) {
+                e[j] = t[s + j] * m[s + j];
+                t[s + j] -= e[j];
+                m[s + j] = e[j];
+                for (int k = s + j + 1; k < width; ++k)
+                    t[k] -= L[(ptrdiff_t)k * width + s + j] * e[j];
+            }
+        }
+    }
+}
+
+/* wt, mask, err: (width, ld) row-major fp32, leading dimensions ldw, ldm, lde; L: (width,
+ * width) row-major, N^T (zero on and above the diagonal). Columns col0..col1-1 of wt are swept
+ * in place (pruned entries become exactly 0), err receives their errors (0 where kept).
+ * Returns 0, or -1 when the work buffer cannot be allocated (nothing is written then). */
+int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
+                          const float *L, int width, ptrdiff_t col0, ptrdiff_t col1)
+{
+    vf *work = aligned_alloc(sizeof(vf), 2 * (size_t)width * sizeof(vf));
+    if (work == NULL)
+        return -1;
+    vf *t = work, *m = work + width;
+    for (ptrdiff_t x0 = col0; x0 < col1; x0 += LANES) {
+        const size_t bytes = (size_t)(col1 - x0 < LANES ? col1 - x0 : LANES) * sizeof(float);
+        if (bytes < sizeof(vf)) /* a last, partial tile: unused lanes compute on zeros */
+            memset(work, 0, 2 * (size_t)width * sizeof(vf));
+        if (bytes == sizeof(vf)) { /* constant sizes: vector moves, no library calls */
+            for (int j = 0; j < width; ++j) {
+                memcpy(&t[j], wt + j * ldw + x0, sizeof(vf));
+                memcpy(&m[j], mask + j * ldm + x0, sizeof(vf));
+            }
+        } else {
+            for (int j = 0; j < width; ++j) {
+                memcpy(&t[j], wt + j * ldw + x0, bytes);
+                memcpy(&m[j], mask + j * ldm + x0, bytes);
+            }
+        }
+        sweep_tile(t, m, L, width);
+        if (bytes == sizeof(vf)) {
+            for (int j = 0; j < width; ++j) {
+                memcpy(wt + j * ldw + x0, &t[j], sizeof(vf));
+                memcpy(err + j * lde + x0, &m[j], sizeof(vf));
+            }
+        } else {
+            for (int j = 0; j < width; ++j) {
+                memcpy(wt + j * ldw + x0, &t[j], bytes);
+                memcpy(err + j * lde + x0, &m[j], bytes);
+            }
+        }
+    }
+    free(work);
+    return 0;
+}
