@@ -2,9 +2,12 @@
 
 On a CPU the per-column loop of sweep.py costs two PyTorch operations per column, bound by
 their dispatch, not by arithmetic. When a block's mask is known at its start (unstructured
-SparseGPT, fixed masks), the whole block is one call into a small C kernel instead. It runs on
-the calling thread: run beside PyTorch's OpenMP workers, which keep spinning for a while after
-each operation, a second thread made it slower on two cores, not faster.
+SparseGPT, fixed masks), the whole block is one call into a small C kernel instead, its
+column tiles shared out over OpenMP threads. Built with -fopenmp it needs libgomp.so.1, which
+PyTorch's Linux builds have already loaded, so the kernel runs on PyTorch's own thread pool
+(torch.set_num_threads applies). Threads of its own would compete with PyTorch's OpenMP
+workers, which keep spinning for a while after each operation: on two cores that was slower
+than one thread.
 
 The C source is compiled once per process with the system C compiler ($CC, else cc, gcc or
 clang) into a temporary file (about 0.3 s; nothing is cached on disk, so a shared home
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("native_sweep.c")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
-# Tried first; compilers or targets without it get the portable build.
-_TUNED_FLAGS = ["-march=native"]
+# Optional flags, most wanted first: a compiler or target without them gets a build without.
+_OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 
 
 def available() -> bool:
@@ -80,7 +83,8 @@ def _kernel() -> ctypes._CFuncPtr | None:
     with tempfile.TemporaryDirectory(prefix="prunekit-native-", ignore_cleanup_errors=True) as tmp:
         library = Path(tmp) / "native_sweep.so"
         errors = ""
-        for flags in (_TUNED_FLAGS + _FLAGS, _FLAGS):
+        for optional in _OPTIONAL_FLAGS:
+            flags = [*optional, *_FLAGS]
             try:
                 done = subprocess.run(
                     [compiler, *flags, str(_SOURCE), "-o", str(library)], capture_output=True, text=True, timeout=120
@@ -104,6 +108,7 @@ def _kernel() -> ctypes._CFuncPtr | None:
             compiler, errors.splitlines()[-1] if errors else "no output",
         )
         return None
+    log.info("built the native sweep kernel: %s %s", compiler, " ".join(flags))
     kernel = lib.prunekit_masked_block
     size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
     kernel.argtypes = [ptr, size, ptr, size, ptr, size, ptr, ctypes.c_int, size, size]

@@ -64,27 +64,27 @@ static void sweep_tile(vf *t, vf *m, const float *L, int width)
     }
 }
 
-/* wt, mask, err: (width, ld) row-major fp32, leading dimensions ldw, ldm, lde; L: (width,
- * width) row-major, N^T (zero on and above the diagonal). Columns col0..col1-1 of wt are swept
- * in place (pruned entries become exactly 0), err receives their errors (0 where kept).
- * Returns 0, or -1 when the work buffer cannot be allocated (nothing is written then). */
-int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
-                          const float *L, int width, ptrdiff_t col0, ptrdiff_t col1)
+/* Sweeps the tiles of columns col0..col1-1 that this thread owns (all of them outside a
+ * parallel region) in work (2 * width vectors); a thread without work buffer (NULL) still
+ * takes part in the loop, whose end is a barrier, and skips its tiles. */
+static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
+                        const float *L, int width, ptrdiff_t col0, ptrdiff_t col1, vf *work)
 {
-    vf *work = aligned_alloc(sizeof(vf), 2 * (size_t)width * sizeof(vf));
-    if (work == NULL)
-        return -1;
     vf *t = work, *m = work + width;
-    for (ptrdiff_t x0 = col0; x0 < col1; x0 += LANES) {
+    const ptrdiff_t tiles = (col1 - col0 + LANES - 1) / LANES;
+#pragma omp for schedule(static)
+    for (ptrdiff_t tile = 0; tile < tiles; ++tile) {
+        if (work == NULL)
+            continue;
+        const ptrdiff_t x0 = col0 + tile * LANES;
         const size_t bytes = (size_t)(col1 - x0 < LANES ? col1 - x0 : LANES) * sizeof(float);
-        if (bytes < sizeof(vf)) /* a last, partial tile: unused lanes compute on zeros */
-            memset(work, 0, 2 * (size_t)width * sizeof(vf));
         if (bytes == sizeof(vf)) { /* constant sizes: vector moves, no library calls */
             for (int j = 0; j < width; ++j) {
                 memcpy(&t[j], wt + j * ldw + x0, sizeof(vf));
                 memcpy(&m[j], mask + j * ldm + x0, sizeof(vf));
             }
-        } else {
+        } else { /* a last, partial tile: the unused lanes compute on zeros */
+            memset(work, 0, 2 * (size_t)width * sizeof(vf));
             for (int j = 0; j < width; ++j) {
                 memcpy(&t[j], wt + j * ldw + x0, bytes);
                 memcpy(&m[j], mask + j * ldm + x0, bytes);
@@ -103,6 +103,24 @@ int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t
             }
         }
     }
-    free(work);
-    return 0;
+}
+
+/* wt, mask, err: (width, ld) row-major fp32, leading dimensions ldw, ldm, lde; L: (width,
+ * width) row-major, N^T (zero on and above the diagonal). Columns col0..col1-1 of wt are swept
+ * in place (pruned entries become exactly 0), err receives their errors (0 where kept).
+ * Built with OpenMP, the tiles are shared out over its threads (the columns are independent:
+ * the results do not depend on the thread count). Returns 0, or -1 when a work buffer could
+ * not be allocated (some tiles are then left unswept). */
+int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
+                          const float *L, int width, ptrdiff_t col0, ptrdiff_t col1)
+{
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        vf *work = aligned_alloc(sizeof(vf), 2 * (size_t)width * sizeof(vf));
+        failed = work == NULL;
+        sweep_tiles(wt, ldw, mask, ldm, err, lde, L, width, col0, col1, work);
+        free(work);
+    }
+    return failed ? -1 : 0;
 }
