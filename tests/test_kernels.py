@@ -346,16 +346,45 @@ def test_compiled_block_is_the_eager_column_loop_bit_for_bit(monkeypatch, width,
     assert torch.equal(Wt[outside], untouched[outside])
 
 
+@pytest.mark.parametrize("case", ["random", "ties", "zeros", "k=1", "k=n-1", "small"])
+def test_compiled_selection_is_the_stable_sort_prefix(monkeypatch, case):
+    """The compiled mask choice equals `smallest` on the same scores and the first k of a stable
+    sort, on a strided block: ties (few distinct values, dead-column zeros) go to the lower flat
+    position, exactly k are chosen."""
+    use_compiled_sweep(monkeypatch, True)
+    g = torch.Generator().manual_seed(2)
+    width, rows = (7, 9) if case == "small" else (128, 300)
+    Wt = torch.randn(width + 2, rows + 6, generator=g)
+    if case == "ties":
+        Wt = torch.randint(-2, 3, Wt.shape, generator=g).float()
+    if case == "zeros":
+        Wt[:, :40] = 0
+    block = Wt[1 : 1 + width, 3 : 3 + rows]
+    r2 = torch.rand(width, generator=g) + 0.5
+    if case == "ties":
+        r2 = torch.ones(width)
+    n = width * rows
+    k = {"k=1": 1, "k=n-1": n - 1}.get(case, round((0.6 if case == "zeros" else 0.7) * n))
+    scores = block.square() * r2[:, None]
+    first_k = torch.zeros(n)
+    first_k[torch.argsort(scores.flatten(), stable=True)[:k]] = 1
+    out = torch.full((width, rows + 4), 7.0)
+    got = native.smallest_scores(block, r2, k, out=out[:, 2 : 2 + rows])
+    assert torch.equal(got, first_k.view(width, rows))
+    assert torch.equal(got, smallest(scores, k, dtype=torch.float32))
+    assert bool((out[:, :2] == 7).all() and (out[:, -2:] == 7).all())
+
+
 def test_sweep_falls_back_to_the_torch_loop_without_the_compiled_kernel(monkeypatch, caplog):
-    """PRUNEKIT_NATIVE=0 or a missing compiler: no kernel, a log line, and the sweep still runs."""
+    """PRUNEKIT_NATIVE=0 or a missing compiler: no kernels, a log line, and the sweep still runs."""
     monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
-    assert native._kernel.__wrapped__() is None
+    assert native._library.__wrapped__() is None
     monkeypatch.setenv("PRUNEKIT_NATIVE", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with caplog.at_level("WARNING", logger="prunekit.kernels.native"):
-        assert native._kernel.__wrapped__() is None
-    assert "could not build the native sweep kernel" in caplog.text
-    monkeypatch.setattr(native, "_kernel", native._kernel.__wrapped__)
+        assert native._library.__wrapped__() is None
+    assert "could not build the native sweep kernels" in caplog.text
+    monkeypatch.setattr(native, "_library", native._library.__wrapped__)
     W, _, H = problem(16, 40)
     assert int((sparsegpt(W, factorize(H), 0.5, blocksize=16).weight == 0).sum()) == 16 * 40 // 2
 

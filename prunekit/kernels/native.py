@@ -1,4 +1,4 @@
-"""The sweep's inner block compiled for the CPU (native_sweep.c), built on first use.
+"""The CPU hot spots of sweep.py compiled (native_sweep.c), built on first use.
 
 On a CPU the per-column loop of sweep.py costs two PyTorch operations per column, bound by
 their dispatch, not by arithmetic. When a block's mask is known at its start (unstructured
@@ -7,14 +7,15 @@ column tiles shared out over OpenMP threads. Built with -fopenmp it needs libgom
 PyTorch's Linux builds have already loaded, so the kernel runs on PyTorch's own thread pool
 (torch.set_num_threads applies). Threads of its own would compete with PyTorch's OpenMP
 workers, which keep spinning for a while after each operation: on two cores that was slower
-than one thread.
+than one thread. Choosing a block's mask (the k smallest OBS scores) is the other compiled
+step: three passes of radix selection instead of about ten tensor operations.
 
 The C source is compiled once per process with the system C compiler ($CC, else cc, gcc or
 clang) into a temporary file (about 0.3 s; nothing is cached on disk, so a shared home
 directory never serves a library built for another CPU). It is built without floating point
-contraction, so its results equal the PyTorch column loop's bit for bit and do not depend on
-the instruction set or the thread count. Without a compiler, or with PRUNEKIT_NATIVE=0, the
-sweep keeps the PyTorch loop (same arithmetic, slower) and says so once in the log.
+contraction, so its results equal the PyTorch path's bit for bit and do not depend on the
+instruction set or the thread count. Without a compiler, or with PRUNEKIT_NATIVE=0, the
+sweep keeps the PyTorch path (same results, slower) and says so once in the log.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"
 
 
 def available() -> bool:
-    """Whether the compiled block kernel can be used (compiles it on the first call)."""
-    return _kernel() is not None
+    """Whether the compiled kernels can be used (compiles them on the first call)."""
+    return _library() is not None
 
 
 def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
@@ -52,18 +53,13 @@ def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
     e_j = m_j w_j, w_j -= e_j, w_k -= N_jk e_j for k > j, in order of j; err receives e (0 where
     kept) and the pruned entries of block become exactly 0.
     """
-    kernel = _kernel()
-    if kernel is None:
-        raise RuntimeError("the native sweep kernel is not available (see native.available())")
     width, R = block.shape
-    for x in (block, mask, err):
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape != (width, R) or x.stride(1) != 1:
-            raise ValueError("block, mask and err must be (w, R) fp32 CPU tensors with contiguous rows")
+    _check_rows(block, mask, err, shape=(width, R))
     if N.shape != (width, width) or N.dtype != torch.float32 or N.device.type != "cpu":
         raise ValueError(f"N must be ({width}, {width}) fp32 on the CPU, got {tuple(N.shape)} {N.dtype} {N.device}")
     L = N.T.contiguous()  # row k: the coefficients column k receives
 
-    code = kernel(
+    code = _library().prunekit_masked_block(
         block.data_ptr(), block.stride(0), mask.data_ptr(), mask.stride(0), err.data_ptr(), err.stride(0),
         L.data_ptr(), width, 0, R,
     )
@@ -71,14 +67,44 @@ def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
         raise MemoryError("the native sweep kernel could not allocate its work buffer")
 
 
+def smallest_scores(block: Tensor, r2: Tensor, k: int, *, out: Tensor) -> Tensor:
+    """Float 0/1 mask of the k smallest OBS scores (w · r_j)^2 = w^2 · r2_j of the block (w, R),
+    into `out` (w, R); ties: lower flat position first. Equals `masks.smallest` on
+    block.square() * r2[:, None] (same scores, same rule), computed by radix selection on the
+    scores' bit patterns in three passes instead of about ten tensor operations.
+
+    block, out: fp32 CPU with contiguous rows; r2: (w,) fp32.
+    """
+    width, R = block.shape
+    if k <= 0 or k >= width * R:
+        return out.fill_(float(k > 0))
+    _check_rows(block, out, shape=(width, R))
+    r2 = r2.contiguous()
+    if r2.shape != (width,) or r2.dtype != torch.float32:
+        raise ValueError(f"r2 must be ({width},) fp32, got {tuple(r2.shape)} {r2.dtype}")
+    code = _library().prunekit_smallest_scores(
+        block.data_ptr(), block.stride(0), r2.data_ptr(), width, 0, R, k, out.data_ptr(), out.stride(0)
+    )
+    if code != 0:
+        raise MemoryError("the native mask selection could not allocate its buffers")
+    return out
+
+
+def _check_rows(*tensors: Tensor, shape: tuple[int, int]) -> None:
+    for x in tensors:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape != shape or x.stride(1) != 1:
+            raise ValueError(f"expected {shape} fp32 CPU tensors with contiguous rows, got {tuple(x.shape)} "
+                             f"{x.dtype} {x.device} strides {x.stride()}")
+
+
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
+def _library() -> ctypes.CDLL | None:
     if os.environ.get("PRUNEKIT_NATIVE", "1") == "0":
-        log.info("PRUNEKIT_NATIVE=0: the sweep uses the PyTorch column loop on the CPU")
+        log.info("PRUNEKIT_NATIVE=0: the sweep uses its PyTorch path on the CPU")
         return None
     compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None:
-        log.warning("no C compiler found: the sweep uses the PyTorch column loop on the CPU (same results, slower)")
+        log.warning("no C compiler found: the sweep uses its PyTorch path on the CPU (same results, slower)")
         return None
     with tempfile.TemporaryDirectory(prefix="prunekit-native-", ignore_cleanup_errors=True) as tmp:
         library = Path(tmp) / "native_sweep.so"
@@ -104,13 +130,14 @@ def _kernel() -> ctypes._CFuncPtr | None:
                 errors = str(e)
     if lib is None:
         log.warning(
-            "could not build the native sweep kernel with %s (%s): the sweep uses the PyTorch column loop on the CPU",
+            "could not build the native sweep kernels with %s (%s): the sweep uses its PyTorch path on the CPU",
             compiler, errors.splitlines()[-1] if errors else "no output",
         )
         return None
-    log.info("built the native sweep kernel: %s %s", compiler, " ".join(flags))
-    kernel = lib.prunekit_masked_block
+    log.info("built the native sweep kernels: %s %s", compiler, " ".join(flags))
     size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
-    kernel.argtypes = [ptr, size, ptr, size, ptr, size, ptr, ctypes.c_int, size, size]
-    kernel.restype = ctypes.c_int
-    return kernel
+    lib.prunekit_masked_block.argtypes = [ptr, size, ptr, size, ptr, size, ptr, ctypes.c_int, size, size]
+    lib.prunekit_masked_block.restype = ctypes.c_int
+    lib.prunekit_smallest_scores.argtypes = [ptr, size, ptr, ctypes.c_int, size, size, size, ptr, size]
+    lib.prunekit_smallest_scores.restype = ctypes.c_int
+    return lib

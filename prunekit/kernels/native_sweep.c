@@ -1,21 +1,24 @@
-/* One block of the OBS column sweep with a known mask, compiled for the CPU (see native.py).
+/* The CPU hot spots of the OBS column sweep, compiled (see native.py): one block of the sweep
+ * with a known mask, and the choice of a block's mask (at the end of this file).
  *
  * The block is Wt[0:width, col0:col1] of W^T (rows = columns of W). With the block's mask
  * known, the columns of Wt (rows of W) are independent and each one runs the column loop
  *
  *     for j: e_j = m_j * w_j;  w_j -= e_j;  w_k -= N_jk * e_j  for k > j,
  *
- * N the strictly upper part of the block's T^-1: exactly what the Python loop in sweep.py
- * does, in the same order for every entry, without its per-column dispatch cost.
+ * N the strictly upper part of the block's T^-1 (passed transposed, as L = N^T, so that the
+ * coefficients a row k receives are contiguous): what the Python loop in sweep.py does,
+ * without its per-column dispatch cost.
  *
  * The work is done on tiles of LANES adjacent columns of Wt, held as vectors (one vector per
  * row of the block, so a lane is a row of W). Updates are blocked by SUB rows: the SUB x SUB
  * triangle is solved in registers, then each later row k of the block is loaded once, receives
  * the SUB updates, and is stored once. Each w_k still receives its updates one at a time in
- * ascending j, so, compiled without floating point contraction, the results equal the column
- * loop bit for bit, on every instruction set. */
+ * ascending j, so, compiled without floating point contraction, the results equal the eager
+ * column loop bit for bit, on every instruction set and for any number of threads. */
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -123,4 +126,109 @@ int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t
         free(work);
     }
     return failed ? -1 : 0;
+}
+
+static inline uint32_t score_key(float w, float r2)
+{
+    const float s = (w * w) * r2;
+    uint32_t key;
+    memcpy(&key, &s, sizeof key);
+    return key;
+}
+
+/* The k-th smallest (1-based) of x[0..n-1] by radix selection over 12 + 12 + 8 bits (each level
+ * keeps only the keys of the bucket that holds rank k); *below and *equal receive how many keys
+ * are smaller than it and equal to it. tmp: n entries; x and tmp are overwritten. */
+static uint32_t radix_kth(uint32_t *x, ptrdiff_t n, ptrdiff_t k, uint32_t *tmp, ptrdiff_t *below, ptrdiff_t *equal)
+{
+    static const int shift[3] = {20, 8, 0};
+    static const uint32_t width[3] = {4096, 4096, 256};
+    uint32_t prefix = 0;
+    ptrdiff_t smaller = 0, count = 0;
+    for (int level = 0; level < 3; ++level) {
+        uint32_t hist[4][4096];
+        memset(hist, 0, sizeof hist);
+        const uint32_t mask = width[level] - 1;
+        const int s = shift[level];
+        ptrdiff_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            ++hist[0][(x[i] >> s) & mask];
+            ++hist[1][(x[i + 1] >> s) & mask];
+            ++hist[2][(x[i + 2] >> s) & mask];
+            ++hist[3][(x[i + 3] >> s) & mask];
+        }
+        for (; i < n; ++i)
+            ++hist[0][(x[i] >> s) & mask];
+        uint32_t b = 0;
+        for (;; ++b) {
+            count = (ptrdiff_t)hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
+            if (smaller + count >= k)
+                break;
+            smaller += count;
+        }
+        prefix |= b << s;
+        if (level < 2) { /* keep the keys of bucket b */
+            ptrdiff_t kept = 0;
+            for (i = 0; i < n; ++i) {
+                tmp[kept] = x[i];
+                kept += ((x[i] >> s) & mask) == b;
+            }
+            uint32_t *swap = x;
+            x = tmp;
+            tmp = swap;
+            n = kept;
+        }
+    }
+    *below = smaller;
+    *equal = count;
+    return prefix;
+}
+
+/* mask[j][col0 + x] = 1 for the k smallest OBS scores s = (w * w) * r2[j] of w = wt[j][col0 + x]
+ * over the block (width x (col1 - col0)), 0 for the others; 0 < k < the block's size. Among
+ * scores equal to the k-th smallest, the lower flat positions (j, then x) win, so the mask is the
+ * first k of a stable sort. The scores are non-negative floats, whose bit patterns order like
+ * their values: selection runs on those integers. Returns 0, or -1 when memory runs out. */
+int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, int width, ptrdiff_t col0,
+                             ptrdiff_t col1, ptrdiff_t k, float *mask, ptrdiff_t ldm)
+{
+    const ptrdiff_t cols = col1 - col0, n = (ptrdiff_t)width * cols;
+    uint32_t *keys = malloc((size_t)n * sizeof *keys), *a = malloc((size_t)n * sizeof *a),
+             *b = malloc((size_t)n * sizeof *b);
+    if (keys == NULL || a == NULL || b == NULL) {
+        free(keys);
+        free(a);
+        free(b);
+        return -1;
+    }
+    for (int j = 0; j < width; ++j) {
+        const float *w = wt + j * ldw + col0;
+        const float rj = r2[j];
+        uint32_t *kj = keys + j * cols;
+        for (ptrdiff_t x = 0; x < cols; ++x)
+            kj[x] = score_key(w[x], rj);
+    }
+    memcpy(a, keys, (size_t)n * sizeof *keys);
+    ptrdiff_t below, equal;
+    const uint32_t t = radix_kth(a, n, k, b, &below, &equal);
+    ptrdiff_t take = k - below; /* of the keys equal to t, the first `take` in flat order */
+    const int every_tie = take == equal;
+    for (int j = 0; j < width; ++j) {
+        const uint32_t *kj = keys + j * cols;
+        float *m = mask + j * ldm + col0;
+        if (every_tie) {
+            for (ptrdiff_t x = 0; x < cols; ++x)
+                m[x] = kj[x] <= t ? 1.0f : 0.0f;
+        } else {
+            for (ptrdiff_t x = 0; x < cols; ++x) {
+                const int tie = kj[x] == t && take > 0;
+                take -= tie;
+                m[x] = kj[x] < t || tie ? 1.0f : 0.0f;
+            }
+        }
+    }
+    free(keys);
+    free(a);
+    free(b);
+    return 0;
 }

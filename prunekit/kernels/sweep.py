@@ -105,7 +105,8 @@ def obs_sweep(
     # With a block's mask known at its start, its rows are independent: solved all at once on a
     # GPU, by the compiled block kernel on the CPU.
     known_masks = quant is None and not prunem
-    compiled = known_masks and not Wt.is_cuda and native.available()
+    compiled_selection = not Wt.is_cuda and native.available()
+    compiled = known_masks and compiled_selection
     all_rows = known_masks and _solve_all_rows_at_once(Wt)
     inner = min(_BATCHED_INNER, blocksize) if all_rows else _inner_size(blocksize, prunem)
     # Classic form (eager updates through U, no deferred form) where U costs less than the
@@ -162,8 +163,11 @@ def obs_sweep(
         else:
             for r0, r1, sparsity in segments:
                 if sparsity > 0:
-                    scores = block[:, r0:r1].square().mul_(r2[a:b, None])
-                    smallest(scores, count_to_prune(sparsity, scores.numel()), out=mask[:, r0:r1])
+                    k = count_to_prune(sparsity, (b - a) * (r1 - r0))
+                    if compiled_selection:
+                        native.smallest_scores(block[:, r0:r1], r2[a:b], k, out=mask[:, r0:r1])
+                    else:
+                        smallest(block[:, r0:r1].square().mul_(r2[a:b, None]), k, out=mask[:, r0:r1])
 
         strict = T_inv.triu(1)
         if compiled:
