@@ -70,8 +70,11 @@ def hardware() -> dict:
         pass
     import torch
 
+    from prunekit.kernels import native
+
     info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
+    info["native_cpu_kernels"] = native.build()
     return info
 
 

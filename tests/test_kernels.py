@@ -378,13 +378,14 @@ def test_compiled_selection_is_the_stable_sort_prefix(monkeypatch, case):
 def test_sweep_falls_back_to_the_torch_loop_without_the_compiled_kernel(monkeypatch, caplog):
     """PRUNEKIT_NATIVE=0 or a missing compiler: no kernels, a log line, and the sweep still runs."""
     monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
-    assert native._library.__wrapped__() is None
+    assert native._build.__wrapped__() == (None, None)
     monkeypatch.setenv("PRUNEKIT_NATIVE", "1")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with caplog.at_level("WARNING", logger="prunekit.kernels.native"):
-        assert native._library.__wrapped__() is None
+        assert native._build.__wrapped__() == (None, None)
     assert "could not build the native sweep kernels" in caplog.text
-    monkeypatch.setattr(native, "_library", native._library.__wrapped__)
+    monkeypatch.setattr(native, "_build", native._build.__wrapped__)
+    assert native.build() is None and not native.available()
     W, _, H = problem(16, 40)
     assert int((sparsegpt(W, factorize(H), 0.5, blocksize=16).weight == 0).sum()) == 16 * 40 // 2
 

@@ -13,9 +13,11 @@ step: three passes of radix selection instead of about ten tensor operations.
 The C source is compiled once per process with the system C compiler ($CC, else cc, gcc or
 clang) into a temporary file (about 0.3 s; nothing is cached on disk, so a shared home
 directory never serves a library built for another CPU). It is built without floating point
-contraction, so its results equal the PyTorch path's bit for bit and do not depend on the
-instruction set or the thread count. Without a compiler, or with PRUNEKIT_NATIVE=0, the
-sweep keeps the PyTorch path (same results, slower) and says so once in the log.
+contraction, so its results equal the eager column loop's bit for bit and do not depend on
+the instruction set or the thread count (the PyTorch path's inner blocks sum in another order:
+its results differ in the last bits, which sequential pruning can amplify). Without a
+compiler, or with PRUNEKIT_NATIVE=0, the sweep keeps the PyTorch path (slower) and says so
+once in the log; provenance records which one ran (`build()`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"
 def available() -> bool:
     """Whether the compiled kernels can be used (compiles them on the first call)."""
     return _library() is not None
+
+
+def build() -> str | None:
+    """The compiler command line the kernels were built with, None when they are not used
+    (recorded in provenance: the PyTorch path gives other fp32 rounding)."""
+    return _build()[1]
 
 
 def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
@@ -97,15 +105,19 @@ def _check_rows(*tensors: Tensor, shape: tuple[int, int]) -> None:
                              f"{x.dtype} {x.device} strides {x.stride()}")
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
+    return _build()[0]
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("PRUNEKIT_NATIVE", "1") == "0":
         log.info("PRUNEKIT_NATIVE=0: the sweep uses its PyTorch path on the CPU")
-        return None
+        return None, None
     compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None:
-        log.warning("no C compiler found: the sweep uses its PyTorch path on the CPU (same results, slower)")
-        return None
+        log.warning("no C compiler found: the sweep uses its PyTorch path on the CPU (slower)")
+        return None, None
     with tempfile.TemporaryDirectory(prefix="prunekit-native-", ignore_cleanup_errors=True) as tmp:
         library = Path(tmp) / "native_sweep.so"
         errors = ""
@@ -133,11 +145,11 @@ def _library() -> ctypes.CDLL | None:
             "could not build the native sweep kernels with %s (%s): the sweep uses its PyTorch path on the CPU",
             compiler, errors.splitlines()[-1] if errors else "no output",
         )
-        return None
+        return None, None
     log.info("built the native sweep kernels: %s %s", compiler, " ".join(flags))
     size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
     lib.prunekit_masked_block.argtypes = [ptr, size, ptr, size, ptr, size, ptr, ctypes.c_int, size, size]
     lib.prunekit_masked_block.restype = ctypes.c_int
     lib.prunekit_smallest_scores.argtypes = [ptr, size, ptr, ctypes.c_int, size, size, size, ptr, size]
     lib.prunekit_smallest_scores.restype = ctypes.c_int
-    return lib
+    return lib, " ".join([compiler, *flags])

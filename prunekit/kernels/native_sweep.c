@@ -136,19 +136,21 @@ static inline uint32_t score_key(float w, float r2)
     return key;
 }
 
-/* The k-th smallest (1-based) of x[0..n-1] by radix selection over 12 + 12 + 8 bits (each level
- * keeps only the keys of the bucket that holds rank k); *below and *equal receive how many keys
- * are smaller than it and equal to it. tmp: n entries; x and tmp are overwritten. */
-static uint32_t radix_kth(uint32_t *x, ptrdiff_t n, ptrdiff_t k, uint32_t *tmp, ptrdiff_t *below, ptrdiff_t *equal)
+/* The k-th smallest (1-based) of x[0..n-1] by radix selection over 12 + 12 + 8 bits: each
+ * level keeps only the keys of the bucket that holds rank k (in s1, then s2: n entries each);
+ * *below and *equal receive how many keys are smaller than it and equal to it. */
+static uint32_t radix_kth(const uint32_t *x, ptrdiff_t n, ptrdiff_t k, uint32_t *s1, uint32_t *s2, ptrdiff_t *below,
+                          ptrdiff_t *equal)
 {
     static const int shift[3] = {20, 8, 0};
-    static const uint32_t width[3] = {4096, 4096, 256};
+    static const uint32_t buckets[3] = {4096, 4096, 256};
+    uint32_t *kept_in[2] = {s1, s2};
     uint32_t prefix = 0;
     ptrdiff_t smaller = 0, count = 0;
     for (int level = 0; level < 3; ++level) {
-        uint32_t hist[4][4096];
+        uint32_t hist[4][4096]; /* four partial histograms: fewer stalls on repeated buckets */
         memset(hist, 0, sizeof hist);
-        const uint32_t mask = width[level] - 1;
+        const uint32_t mask = buckets[level] - 1;
         const int s = shift[level];
         ptrdiff_t i = 0;
         for (; i + 4 <= n; i += 4) {
@@ -167,16 +169,15 @@ static uint32_t radix_kth(uint32_t *x, ptrdiff_t n, ptrdiff_t k, uint32_t *tmp, 
             smaller += count;
         }
         prefix |= b << s;
-        if (level < 2) { /* keep the keys of bucket b */
-            ptrdiff_t kept = 0;
-            for (i = 0; i < n; ++i) {
-                tmp[kept] = x[i];
-                kept += ((x[i] >> s) & mask) == b;
+        if (level < 2) {
+            uint32_t *kept = kept_in[level];
+            ptrdiff_t m = 0;
+            for (i = 0; i < n; ++i) { /* branch free: the store is always made */
+                kept[m] = x[i];
+                m += ((x[i] >> s) & mask) == b;
             }
-            uint32_t *swap = x;
-            x = tmp;
-            tmp = swap;
-            n = kept;
+            x = kept;
+            n = m;
         }
     }
     *below = smaller;
@@ -201,6 +202,7 @@ int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, in
         free(b);
         return -1;
     }
+#pragma omp parallel for schedule(static)
     for (int j = 0; j < width; ++j) {
         const float *w = wt + j * ldw + col0;
         const float rj = r2[j];
@@ -208,18 +210,21 @@ int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, in
         for (ptrdiff_t x = 0; x < cols; ++x)
             kj[x] = score_key(w[x], rj);
     }
-    memcpy(a, keys, (size_t)n * sizeof *keys);
     ptrdiff_t below, equal;
-    const uint32_t t = radix_kth(a, n, k, b, &below, &equal);
+    const uint32_t t = radix_kth(keys, n, k, a, b, &below, &equal);
     ptrdiff_t take = k - below; /* of the keys equal to t, the first `take` in flat order */
-    const int every_tie = take == equal;
-    for (int j = 0; j < width; ++j) {
-        const uint32_t *kj = keys + j * cols;
-        float *m = mask + j * ldm + col0;
-        if (every_tie) {
+    if (take == equal) {
+#pragma omp parallel for schedule(static)
+        for (int j = 0; j < width; ++j) {
+            const uint32_t *kj = keys + j * cols;
+            float *m = mask + j * ldm + col0;
             for (ptrdiff_t x = 0; x < cols; ++x)
                 m[x] = kj[x] <= t ? 1.0f : 0.0f;
-        } else {
+        }
+    } else {
+        for (int j = 0; j < width; ++j) {
+            const uint32_t *kj = keys + j * cols;
+            float *m = mask + j * ldm + col0;
             for (ptrdiff_t x = 0; x < cols; ++x) {
                 const int tie = kj[x] == t && take > 0;
                 take -= tie;
