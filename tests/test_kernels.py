@@ -386,6 +386,8 @@ def test_sweep_falls_back_to_the_torch_loop_without_the_compiled_kernel(monkeypa
     assert "could not build the native sweep kernels" in caplog.text
     monkeypatch.setattr(native, "_build", native._build.__wrapped__)
     assert native.build() is None and not native.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        native.smallest_scores(torch.ones(2, 3), torch.ones(2), 2, out=torch.empty(2, 3))
     W, _, H = problem(16, 40)
     assert int((sparsegpt(W, factorize(H), 0.5, blocksize=16).weight == 0).sum()) == 16 * 40 // 2
 

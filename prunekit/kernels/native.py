@@ -67,7 +67,7 @@ def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
         raise ValueError(f"N must be ({width}, {width}) fp32 on the CPU, got {tuple(N.shape)} {N.dtype} {N.device}")
     L = N.T.contiguous()  # row k: the coefficients column k receives
 
-    code = _library().prunekit_masked_block(
+    code = _loaded().prunekit_masked_block(
         block.data_ptr(), block.stride(0), mask.data_ptr(), mask.stride(0), err.data_ptr(), err.stride(0),
         L.data_ptr(), width, 0, R,
     )
@@ -90,7 +90,7 @@ def smallest_scores(block: Tensor, r2: Tensor, k: int, *, out: Tensor) -> Tensor
     r2 = r2.contiguous()
     if r2.shape != (width,) or r2.dtype != torch.float32:
         raise ValueError(f"r2 must be ({width},) fp32, got {tuple(r2.shape)} {r2.dtype}")
-    code = _library().prunekit_smallest_scores(
+    code = _loaded().prunekit_smallest_scores(
         block.data_ptr(), block.stride(0), r2.data_ptr(), width, 0, R, k, out.data_ptr(), out.stride(0)
     )
     if code != 0:
@@ -107,6 +107,13 @@ def _check_rows(*tensors: Tensor, shape: tuple[int, int]) -> None:
 
 def _library() -> ctypes.CDLL | None:
     return _build()[0]
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not available (see prunekit.kernels.native.available())")
+    return lib
 
 
 @functools.cache

@@ -44,8 +44,8 @@ Where the time goes, and how it is avoided:
   batched unit-triangular solve instead of two launches per column.
 * On a CPU the same case (masks known at the block start) is one call per block into a small
   compiled C kernel (native.py), which runs the column loop on vector tiles of rows of W with
-  no per-column dispatch and equals the PyTorch loop bit for bit; without a C compiler the
-  PyTorch loop runs.
+  no per-column dispatch (bit for bit the eager column loop within the block), and the block's
+  mask is chosen by compiled radix selection; without a C compiler the PyTorch code runs.
 """
 
 from __future__ import annotations
