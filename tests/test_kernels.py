@@ -254,10 +254,12 @@ def test_sparsegpt_hits_exact_sparsity_per_block(sparsity, d_in, blocksize):
     assert bool(torch.isfinite(res.weight).all())
 
 
-@pytest.mark.parametrize("prunen, prunem", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("prunen, prunem", [(2, 4), (4, 8), (1, 4), (3, 6)])
 def test_sparsegpt_n_of_m_pattern(prunen, prunem):
-    W, _, H = problem(16, 64)
-    res = sparsegpt(W, factorize(H), 0, prunen=prunen, prunem=prunem, blocksize=32)
+    """(3:6 does not divide the compiled kernel's register block: the PyTorch loop runs.)"""
+    assert native.handles_pattern(prunem) == (prunem != 6)
+    W, _, H = problem(16, 72)
+    res = sparsegpt(W, factorize(H), 0, prunen=prunen, prunem=prunem, blocksize=24)
     zeros = (res.weight == 0).reshape(16, -1, prunem).sum(dim=2)
     assert bool((zeros == prunen).all())
 
@@ -319,28 +321,41 @@ def test_known_mask_block_paths_are_the_column_loop(monkeypatch, blocksize, clas
         assert math.isclose(a.loss, b.loss, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("width, rows", [(128, 64), (40, 37), (16, 1)])
-def test_compiled_block_is_the_eager_column_loop_bit_for_bit(monkeypatch, width, rows):
+@pytest.mark.parametrize(
+    "width, rows, nm",
+    [(128, 64, None), (40, 37, None), (16, 1, None), (128, 37, (2, 4)), (40, 20, (1, 4)), (48, 17, (5, 8))],
+)
+def test_compiled_block_is_the_eager_column_loop_bit_for_bit(monkeypatch, width, rows, nm):
     """The C kernel on a block view of a wider W^T (row stride > R; 37 rows: a partial vector
     tile; width 40: a partial register block) equals the column loop exactly: the same
-    operations in the same order for every entry, no floating point contraction."""
+    operations in the same order for every entry, no floating point contraction. With N:M the
+    masks are chosen in the loop as `smallest` chooses them (1:4 on integer weights: ties)."""
     use_compiled_sweep(monkeypatch, True)
     g = torch.Generator().manual_seed(11)
     Wt = torch.randn(width + 8, rows + 5, generator=g)
+    if nm == (1, 4):
+        Wt = torch.randint(-2, 3, Wt.shape, generator=g).float()
     block = Wt[4 : 4 + width, 2 : 2 + rows]
     mask = (torch.rand(width, rows, generator=g) < 0.6).float()
     N = (0.3 * torch.randn(width, width, generator=g)).triu(1)
-    expected, expected_err = block.clone(), torch.empty(width, rows)
+    r2 = torch.rand(width, generator=g) + 0.5
+    prunen, prunem = nm or (0, 0)
+    expected, expected_err, used = block.clone(), torch.empty(width, rows), mask.clone()
     for j in range(width):
-        e = expected[j] * mask[j]
+        if prunem and j % prunem == 0:
+            scores = expected[j : j + prunem].square() * r2[j : j + prunem, None]
+            used[j : j + prunem] = smallest(scores, prunen, dim=0, dtype=torch.float32)
+        e = expected[j] * used[j]
         expected_err[j] = e
         expected[j + 1 :] -= N[j, j + 1 :, None] * e
         expected[j] -= e
     untouched = Wt.clone()
     err = torch.full((width, rows), float("nan"))
-    native.masked_block(block, mask, N, err)
+    native.masked_block(block, mask, N, err, r2=r2, prunen=prunen, prunem=prunem)
     assert torch.equal(block, expected) and torch.equal(err, expected_err)
-    assert bool((block[mask == 1] == 0).all())
+    if prunem:
+        assert bool(((block == 0).view(-1, prunem, rows).sum(dim=1) >= prunen).all())
+    assert bool((block[used == 1] == 0).all())
     outside = torch.ones_like(Wt, dtype=torch.bool)
     outside[4 : 4 + width, 2 : 2 + rows] = False
     assert torch.equal(Wt[outside], untouched[outside])

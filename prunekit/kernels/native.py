@@ -2,7 +2,8 @@
 
 On a CPU the per-column loop of sweep.py costs two PyTorch operations per column, bound by
 their dispatch, not by arithmetic. When a block's mask is known at its start (unstructured
-SparseGPT, fixed masks), the whole block is one call into a small C kernel instead, its
+SparseGPT, fixed masks) or depends on each row alone (N:M, groups dividing 16), the whole block
+is one call into a small C kernel instead, its
 column tiles shared out over OpenMP threads. Built with -fopenmp it needs libgomp.so.1, which
 PyTorch's Linux builds have already loaded, so the kernel runs on PyTorch's own thread pool
 (torch.set_num_threads applies). Threads of its own would compete with PyTorch's OpenMP
@@ -53,23 +54,41 @@ def build() -> str | None:
     return _build()[1]
 
 
-def masked_block(block: Tensor, mask: Tensor, N: Tensor, err: Tensor) -> None:
-    """Sweep one block of W^T with a known mask, in place (sweep.py's column loop, compiled).
+# The C kernel's register block: N:M groups must not straddle it.
+_SUB = 16
+
+
+def handles_pattern(prunem: int) -> bool:
+    """Whether `masked_block` can choose N:M masks with groups of prunem (0: unstructured)."""
+    return prunem == 0 or (prunem <= _SUB and _SUB % prunem == 0)
+
+
+def masked_block(
+    block: Tensor, mask: Tensor, N: Tensor, err: Tensor, *, r2: Tensor | None = None, prunen: int = 0, prunem: int = 0
+) -> None:
+    """Sweep one block of W^T in place (sweep.py's column loop, compiled).
 
     block, mask, err: (w, R) fp32 CPU with contiguous rows; mask is 0/1 (1 = pruned). N: (w, w)
     the strictly upper part of the block's T^-1. For every column x of block (row of W),
     e_j = m_j w_j, w_j -= e_j, w_k -= N_jk e_j for k > j, in order of j; err receives e (0 where
-    kept) and the pruned entries of block become exactly 0.
+    kept) and the pruned entries of block become exactly 0. With prunem > 0 the mask is not
+    read: prunen of every prunem entries of x are pruned, those with the smallest w^2 · r2_j at
+    the moment the group's first entry is reached (ties: lower index), as in the column loop.
     """
     width, R = block.shape
     _check_rows(block, mask, err, shape=(width, R))
     if N.shape != (width, width) or N.dtype != torch.float32 or N.device.type != "cpu":
         raise ValueError(f"N must be ({width}, {width}) fp32 on the CPU, got {tuple(N.shape)} {N.dtype} {N.device}")
+    if prunem and (not handles_pattern(prunem) or width % prunem or not 0 < prunen < prunem):
+        raise ValueError(f"cannot sweep {prunen}:{prunem} groups in a block of {width} columns")
+    if prunem and (r2 is None or r2.shape != (width,) or r2.dtype != torch.float32):
+        raise ValueError(f"an N:M sweep needs r2 of shape ({width},) fp32")
     L = N.T.contiguous()  # row k: the coefficients column k receives
+    r2 = r2.contiguous() if prunem else None
 
     code = _loaded().prunekit_masked_block(
         block.data_ptr(), block.stride(0), mask.data_ptr(), mask.stride(0), err.data_ptr(), err.stride(0),
-        L.data_ptr(), width, 0, R,
+        L.data_ptr(), r2.data_ptr() if prunem else None, prunen, prunem, width, 0, R,
     )
     if code != 0:
         raise MemoryError("the native sweep kernel could not allocate its work buffer")
@@ -155,7 +174,9 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         return None, None
     log.info("built the native sweep kernels: %s %s", compiler, " ".join(flags))
     size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
-    lib.prunekit_masked_block.argtypes = [ptr, size, ptr, size, ptr, size, ptr, ctypes.c_int, size, size]
+    lib.prunekit_masked_block.argtypes = [
+        ptr, size, ptr, size, ptr, size, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, size, size
+    ]
     lib.prunekit_masked_block.restype = ctypes.c_int
     lib.prunekit_smallest_scores.argtypes = [ptr, size, ptr, ctypes.c_int, size, size, size, ptr, size]
     lib.prunekit_smallest_scores.restype = ctypes.c_int

@@ -1,8 +1,10 @@
 /* The CPU hot spots of the OBS column sweep, compiled (see native.py): one block of the sweep
- * with a known mask, and the choice of a block's mask (at the end of this file).
+ * with a known mask (or N:M masks, which depend on each row of W alone), and the choice of a
+ * block's unstructured mask (at the end of this file).
  *
  * The block is Wt[0:width, col0:col1] of W^T (rows = columns of W). With the block's mask
- * known, the columns of Wt (rows of W) are independent and each one runs the column loop
+ * known, or chosen per row of W (N:M), the columns of Wt (rows of W) are independent and each
+ * one runs the column loop
  *
  *     for j: e_j = m_j * w_j;  w_j -= e_j;  w_k -= N_jk * e_j  for k > j,
  *
@@ -26,10 +28,37 @@
 #define SUB 16
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+/* N:M masks of one group for every lane: of the prunem entries x[0..prunem-1] (current
+ * values), the prunen with the smallest scores (x * x) * r2[i], ties to the lower index: an
+ * entry is pruned when fewer than prunen come before it in the order (score, index), the rule
+ * of masks.smallest. m receives 1.0f (pruned) or +0.0f. */
+static inline void choose_group(const vf *x, vf *m, const float *r2, int prunen, int prunem)
+{
+    vf score[SUB];
+    for (int i = 0; i < prunem; ++i)
+        score[i] = (x[i] * x[i]) * r2[i];
+    const vi one = (vi)((vf){0} + 1.0f); /* the bit pattern of 1.0f in every lane */
+    for (int i = 0; i < prunem; ++i) {
+        vi before = {0};
+        for (int j = 0; j < prunem; ++j) {
+            if (j < i)
+                before -= score[j] <= score[i]; /* comparisons give -1 where true */
+            else if (j > i)
+                before -= score[j] < score[i];
+        }
+        m[i] = (vf)((before < prunen) & one);
+    }
+}
 
 /* t[j]: the tile's values of row j of the block; m[j]: its 0/1 mask (1 = pruned), replaced by
- * the errors e_j. L[k * width + j] = N_jk. */
-static void sweep_tile(vf *t, vf *m, const float *L, int width)
+ * the errors e_j. L[k * width + j] = N_jk. With prunem > 0 (a divisor of SUB), the masks of each
+ * group of prunem rows are chosen from the current values when its first row is reached
+ * (r2: the block's r_j^2); always inlined, so that the unstructured case (prunem == 0) is
+ * compiled without the group code. */
+static inline __attribute__((always_inline)) void sweep_tile(vf *t, vf *m, const float *L, int width,
+                                                             const float *r2, int prunen, int prunem)
 {
     for (int s = 0; s < width; s += SUB) {
         const int sub = width - s < SUB ? width - s : SUB;
@@ -39,6 +68,8 @@ static void sweep_tile(vf *t, vf *m, const float *L, int width)
             for (int j = 0; j < SUB; ++j)
                 v[j] = t[s + j];
             for (int j = 0; j < SUB; ++j) {
+                if (prunem && j % prunem == 0)
+                    choose_group(v + j, m + s + j, r2 + s + j, prunen, prunem);
                 e[j] = v[j] * m[s + j];
                 v[j] -= e[j];
                 for (int k = j + 1; k < SUB; ++k)
@@ -57,6 +88,8 @@ static void sweep_tile(vf *t, vf *m, const float *L, int width)
             }
         } else {
             for (int j = 0; j < sub; ++j) {
+                if (prunem && j % prunem == 0)
+                    choose_group(t + s + j, m + s + j, r2 + s + j, prunen, prunem);
                 e[j] = t[s + j] * m[s + j];
                 t[s + j] -= e[j];
                 m[s + j] = e[j];
@@ -71,7 +104,8 @@ static void sweep_tile(vf *t, vf *m, const float *L, int width)
  * parallel region) in work (2 * width vectors); a thread without work buffer (NULL) still
  * takes part in the loop, whose end is a barrier, and skips its tiles. */
 static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
-                        const float *L, int width, ptrdiff_t col0, ptrdiff_t col1, vf *work)
+                        const float *L, const float *r2, int prunen, int prunem, int width, ptrdiff_t col0,
+                        ptrdiff_t col1, vf *work)
 {
     vf *t = work, *m = work + width;
     const ptrdiff_t tiles = (col1 - col0 + LANES - 1) / LANES;
@@ -93,7 +127,10 @@ static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t l
                 memcpy(&m[j], mask + j * ldm + x0, bytes);
             }
         }
-        sweep_tile(t, m, L, width);
+        if (prunem)
+            sweep_tile(t, m, L, width, r2, prunen, prunem);
+        else
+            sweep_tile(t, m, L, width, NULL, 0, 0);
         if (bytes == sizeof(vf)) {
             for (int j = 0; j < width; ++j) {
                 memcpy(wt + j * ldw + x0, &t[j], sizeof(vf));
@@ -110,19 +147,22 @@ static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t l
 
 /* wt, mask, err: (width, ld) row-major fp32, leading dimensions ldw, ldm, lde; L: (width,
  * width) row-major, N^T (zero on and above the diagonal). Columns col0..col1-1 of wt are swept
- * in place (pruned entries become exactly 0), err receives their errors (0 where kept).
+ * in place (pruned entries become exactly 0), err receives their errors (0 where kept). The
+ * mask is read from `mask`, or, with prunem > 0 (dividing SUB and width), chosen prunen of
+ * every prunem rows as the sweep reaches them (r2: (width,) r_j^2; `mask`'s values are unused).
  * Built with OpenMP, the tiles are shared out over its threads (the columns are independent:
  * the results do not depend on the thread count). Returns 0, or -1 when a work buffer could
  * not be allocated (some tiles are then left unswept). */
 int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
-                          const float *L, int width, ptrdiff_t col0, ptrdiff_t col1)
+                          const float *L, const float *r2, int prunen, int prunem, int width, ptrdiff_t col0,
+                          ptrdiff_t col1)
 {
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         vf *work = aligned_alloc(sizeof(vf), 2 * (size_t)width * sizeof(vf));
         failed = work == NULL;
-        sweep_tiles(wt, ldw, mask, ldm, err, lde, L, width, col0, col1, work);
+        sweep_tiles(wt, ldw, mask, ldm, err, lde, L, r2, prunen, prunem, width, col0, col1, work);
         free(work);
     }
     return failed ? -1 : 0;

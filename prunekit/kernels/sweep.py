@@ -42,10 +42,11 @@ Where the time goes, and how it is avoided:
   D_m = diag(m), has errors e with e (I + N D_m) = w D_m, N the strictly upper part of the
   inner block's T^-1 (the column loop is forward substitution in exactly this system), one
   batched unit-triangular solve instead of two launches per column.
-* On a CPU the same case (masks known at the block start) is one call per block into a small
-  compiled C kernel (native.py), which runs the column loop on vector tiles of rows of W with
-  no per-column dispatch (bit for bit the eager column loop within the block), and the block's
-  mask is chosen by compiled radix selection; without a C compiler the PyTorch code runs.
+* On a CPU the same case (masks known at the block start), and N:M (masks chosen row by row),
+  is one call per block into a small compiled C kernel (native.py), which runs the column loop
+  on vector tiles of rows of W with no per-column dispatch (bit for bit the eager column loop
+  within the block); unstructured masks are chosen by compiled radix selection. Without a C
+  compiler the PyTorch code runs.
 """
 
 from __future__ import annotations
@@ -103,10 +104,10 @@ def obs_sweep(
     T, r = factor.T, factor.r
     r2 = r.square()
     # With a block's mask known at its start, its rows are independent: solved all at once on a
-    # GPU, by the compiled block kernel on the CPU.
+    # GPU, by the compiled block kernel on the CPU (which also chooses N:M masks row by row).
     known_masks = quant is None and not prunem
     compiled_selection = not Wt.is_cuda and native.available()
-    compiled = known_masks and compiled_selection
+    compiled = quant is None and compiled_selection and native.handles_pattern(prunem)
     all_rows = known_masks and _solve_all_rows_at_once(Wt)
     inner = min(_BATCHED_INNER, blocksize) if all_rows else _inner_size(blocksize, prunem)
     # Classic form (eager updates through U, no deferred form) where U costs less than the
@@ -171,7 +172,8 @@ def obs_sweep(
 
         strict = T_inv.triu(1)
         if compiled:
-            native.masked_block(block, mask, strict, E)  # the pruned entries become exactly 0
+            # The pruned entries become exactly 0.
+            native.masked_block(block, mask, strict, E, r2=r2[a:b], prunen=prunen, prunem=prunem)
         else:
             for c in range(a, b, inner):
                 e = min(c + inner, b)
