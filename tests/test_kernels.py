@@ -390,6 +390,21 @@ def test_compiled_selection_is_the_stable_sort_prefix(monkeypatch, case):
     assert bool((out[:, :2] == 7).all() and (out[:, -2:] == 7).all())
 
 
+@pytest.mark.parametrize("rows, cols", [(37, 53), (64, 32), (1, 17)])
+def test_compiled_transpose(monkeypatch, rows, cols):
+    """Into a column slice of a wider destination, from a row slice of a wider source (partial
+    tiles at both edges); other dtypes take PyTorch's copy."""
+    use_compiled_sweep(monkeypatch, True)
+    g = torch.Generator().manual_seed(4)
+    src = torch.randn(rows + 3, cols + 5, generator=g)[1 : 1 + rows, 2 : 2 + cols]
+    dest = torch.full((cols, rows + 9), 7.0)
+    native.transpose(src, out=dest[:, 4 : 4 + rows])
+    assert torch.equal(dest[:, 4 : 4 + rows], src.T)
+    assert bool((dest[:, :4] == 7).all() and (dest[:, 4 + rows :] == 7).all())
+    assert torch.equal(native.transpose(src), src.T) and native.transpose(src).is_contiguous()
+    assert torch.equal(native.transpose(src.bfloat16()), src.bfloat16().T)
+
+
 def test_sweep_falls_back_to_the_torch_loop_without_the_compiled_kernel(monkeypatch, caplog):
     """PRUNEKIT_NATIVE=0 or a missing compiler: no kernels, a log line, and the sweep still runs."""
     monkeypatch.setenv("PRUNEKIT_NATIVE", "0")

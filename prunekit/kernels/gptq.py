@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prunekit.kernels import native
 from prunekit.kernels.hessian import factorize
 from prunekit.kernels.quant import QuantSpec
 from prunekit.kernels.result import KernelResult
@@ -59,7 +60,7 @@ def gptq(
     device = W.device
     H = H.detach().to(device)
     Wt = torch.empty(n, W.shape[0], dtype=torch.float32, device=device)
-    Wt.copy_(W.detach().T)
+    native.transpose(W.detach(), out=Wt)
     dead = H.diagonal() == 0
     if bool(dead.any()):
         Wt[dead] = 0.0
@@ -97,7 +98,7 @@ def gptq(
         unpermuted[perm] = Wt
         Wt = unpermuted
     return KernelResult(
-        weight=Wt.T.to(dtype=W.dtype, memory_format=torch.contiguous_format, copy=True),
+        weight=native.transpose(Wt).to(W.dtype),
         loss=float(row_loss.sum()) / 2,
         scales=scale_t.T.contiguous(),
         zeros=zero_t.T.contiguous(),

@@ -1,6 +1,7 @@
 /* The CPU hot spots of the OBS column sweep, compiled (see native.py): one block of the sweep
- * with a known mask (or N:M masks, which depend on each row of W alone), and the choice of a
- * block's unstructured mask (at the end of this file).
+ * with a known mask (or N:M masks, which depend on each row of W alone), the choice of a
+ * block's unstructured mask, and the transposes into and out of the W^T layout (the last two at
+ * the end of this file).
  *
  * The block is Wt[0:width, col0:col1] of W^T (rows = columns of W). With the block's mask
  * known, or chosen per row of W (N:M), the columns of Wt (rows of W) are independent and each
@@ -276,4 +277,30 @@ int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, in
     free(a);
     free(b);
     return 0;
+}
+
+/* dst (cols x rows, leading dimension ldd) = src (rows x cols, lds)^T, fp32, through 16 x 16
+ * tiles that stay in L1, the tile rows shared out over OpenMP threads. */
+void prunekit_transpose(const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t rows, ptrdiff_t cols)
+{
+    enum { TILE = 16 };
+#pragma omp parallel for schedule(static)
+    for (ptrdiff_t i0 = 0; i0 < rows; i0 += TILE) {
+        for (ptrdiff_t j0 = 0; j0 < cols; j0 += TILE) {
+            const ptrdiff_t i1 = i0 + TILE < rows ? i0 + TILE : rows, j1 = j0 + TILE < cols ? j0 + TILE : cols;
+            if (i1 - i0 == TILE && j1 - j0 == TILE) { /* constant trip counts */
+                float tile[TILE][TILE];
+                for (int i = 0; i < TILE; ++i)
+                    for (int j = 0; j < TILE; ++j)
+                        tile[j][i] = src[(i0 + i) * lds + j0 + j];
+                for (int j = 0; j < TILE; ++j)
+                    for (int i = 0; i < TILE; ++i)
+                        dst[(j0 + j) * ldd + i0 + i] = tile[j][i];
+            } else {
+                for (ptrdiff_t i = i0; i < i1; ++i)
+                    for (ptrdiff_t j = j0; j < j1; ++j)
+                        dst[j * ldd + i] = src[i * lds + j];
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from prunekit.kernels import native
 from prunekit.kernels.hessian import HessianFactor
 from prunekit.kernels.quant import QuantSpec
 from prunekit.kernels.result import KernelResult
@@ -93,7 +94,7 @@ def sparsegpt_many(
     bounds = _row_bounds(Ws)
     Wt = torch.empty(n, bounds[-1][1], dtype=torch.float32, device=device)
     for W, (r0, r1) in zip(Ws, bounds):
-        Wt[:, r0:r1].copy_(W.detach().T)
+        native.transpose(W.detach(), out=Wt[:, r0:r1])
     factor = factor.to(device)
     if bool(factor.dead.any()):
         Wt[factor.dead] = 0.0
@@ -134,9 +135,7 @@ def _row_bounds(Ws: Sequence[Tensor]) -> list[tuple[int, int]]:
 def _weights(Wt: Tensor, Ws: Sequence[Tensor], bounds: list[tuple[int, int]]) -> list[Tensor]:
     """The swept matrices out of Wt = [W_1; W_2; ...]^T, contiguous, in their own dtypes.
 
-    One transpose of the whole Wt (torch's blocked transpose needs a contiguous destination of
-    the full shape; one per matrix into a slice is about twice as slow); fp32 results are row
-    ranges of it.
+    One transpose of the whole Wt; fp32 results are row ranges of it.
     """
-    W_all = Wt.T.contiguous()
+    W_all = native.transpose(Wt)
     return [W_all[r0:r1] if W.dtype == W_all.dtype else W_all[r0:r1].to(W.dtype) for W, (r0, r1) in zip(Ws, bounds)]
