@@ -3,17 +3,16 @@
 On a CPU the per-column loop of sweep.py costs two PyTorch operations per column, bound by
 their dispatch, not by arithmetic. When a block's mask is known at its start (unstructured
 SparseGPT, fixed masks) or depends on each row alone (N:M, groups dividing 16), the whole block
-is one call into a small C kernel instead, its
-column tiles shared out over OpenMP threads. Built with -fopenmp it needs libgomp.so.1, which
-PyTorch's Linux builds have already loaded, so the kernel runs on PyTorch's own thread pool
-(torch.set_num_threads applies). Threads of its own would compete with PyTorch's OpenMP
+is one call into a small C kernel instead, its column tiles shared out over OpenMP threads.
+Built with -fopenmp it needs libgomp.so.1, which PyTorch's Linux builds have already loaded,
+so the kernel runs on PyTorch's own thread pool (torch.set_num_threads applies). Threads of its own would compete with PyTorch's OpenMP
 workers, which keep spinning for a while after each operation: on two cores that was slower
 than one thread. Choosing a block's mask (the k smallest OBS scores) is the second compiled
 step: three passes of radix selection instead of about ten tensor operations; the transposes
 into and out of the sweep's W^T layout are the third (tiled, threaded).
 
 The C source is compiled once per process with the system C compiler ($CC, else cc, gcc or
-clang) into a temporary file (about 0.3 s; nothing is cached on disk, so a shared home
+clang) into a temporary file (about 0.25 s; nothing is cached on disk, so a shared home
 directory never serves a library built for another CPU). It is built without floating point
 contraction, so its results equal the eager column loop's bit for bit and do not depend on
 the instruction set or the thread count (the PyTorch path's inner blocks sum in another order:
@@ -42,6 +41,8 @@ _SOURCE = Path(__file__).with_name("native_sweep.c")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 # Optional flags, most wanted first: a compiler or target without them gets a build without.
 _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
+# The C kernel's register block (SUB): N:M groups must not straddle it.
+_SUB = 16
 
 
 def available() -> bool:
@@ -54,9 +55,6 @@ def build() -> str | None:
     (recorded in provenance: the PyTorch path gives other fp32 rounding)."""
     return _build()[1]
 
-
-# The C kernel's register block: N:M groups must not straddle it.
-_SUB = 16
 
 
 def handles_pattern(prunem: int) -> bool:
