@@ -5,9 +5,9 @@ their dispatch, not by arithmetic. When a block's mask is known at its start (un
 SparseGPT, fixed masks) or depends on each row alone (N:M, groups dividing 16), the whole block
 is one call into a small C kernel instead, its column tiles shared out over OpenMP threads.
 Built with -fopenmp it needs libgomp.so.1, which PyTorch's Linux builds have already loaded,
-so the kernel runs on PyTorch's own thread pool (torch.set_num_threads applies). Threads of its own would compete with PyTorch's OpenMP
-workers, which keep spinning for a while after each operation: on two cores that was slower
-than one thread. Choosing a block's mask (the k smallest OBS scores) is the second compiled
+so the kernel runs on PyTorch's own thread pool (torch.set_num_threads applies). Threads of
+its own would compete with PyTorch's OpenMP workers, which keep spinning for a while after
+each operation: on two cores that was slower than one thread. Choosing a block's mask (the k smallest OBS scores) is the second compiled
 step: three passes of radix selection instead of about ten tensor operations; the transposes
 into and out of the sweep's W^T layout are the third (tiled, threaded).
 
@@ -67,8 +67,8 @@ def masked_block(
 ) -> None:
     """Sweep one block of W^T in place (sweep.py's column loop, compiled).
 
-    block, mask, err: (w, R) fp32 CPU with contiguous rows; mask is 0/1 (1 = pruned). N: (w, w)
-    the strictly upper part of the block's T^-1. For every column x of block (row of W),
+    block, mask, err: (w, R) fp32 CPU with contiguous rows; mask is 0/1 (1 = pruned). N: (w, w),
+    the block's T^-1, of which only the strictly upper part is read. For every column x of block (row of W),
     e_j = m_j w_j, w_j -= e_j, w_k -= N_jk e_j for k > j, in order of j; err receives e (0 where
     kept) and the pruned entries of block become exactly 0. With prunem > 0 the mask is not
     read: prunen of every prunem entries of x are pruned, those with the smallest w^2 · r2_j at
@@ -87,7 +87,7 @@ def masked_block(
 
     code = _loaded().prunekit_masked_block(
         block.data_ptr(), block.stride(0), mask.data_ptr(), mask.stride(0), err.data_ptr(), err.stride(0),
-        L.data_ptr(), r2.data_ptr() if prunem else None, prunen, prunem, width, 0, R,
+        L.data_ptr(), r2.data_ptr() if prunem else None, prunen, prunem, width, R,
     )
     if code != 0:
         raise MemoryError("the native sweep kernel could not allocate its work buffer")
@@ -109,7 +109,7 @@ def smallest_scores(block: Tensor, r2: Tensor, k: int, *, out: Tensor) -> Tensor
     if r2.shape != (width,) or r2.dtype != torch.float32:
         raise ValueError(f"r2 must be ({width},) fp32, got {tuple(r2.shape)} {r2.dtype}")
     code = _loaded().prunekit_smallest_scores(
-        block.data_ptr(), block.stride(0), r2.data_ptr(), width, 0, R, k, out.data_ptr(), out.stride(0)
+        block.data_ptr(), block.stride(0), r2.data_ptr(), width, R, k, out.data_ptr(), out.stride(0)
     )
     if code != 0:
         raise MemoryError("the native mask selection could not allocate its buffers")
@@ -190,10 +190,10 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     log.info("built the native sweep kernels: %s %s", compiler, " ".join(flags))
     size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
     lib.prunekit_masked_block.argtypes = [
-        ptr, size, ptr, size, ptr, size, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, size, size
+        ptr, size, ptr, size, ptr, size, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int, size
     ]
     lib.prunekit_masked_block.restype = ctypes.c_int
-    lib.prunekit_smallest_scores.argtypes = [ptr, size, ptr, ctypes.c_int, size, size, size, ptr, size]
+    lib.prunekit_smallest_scores.argtypes = [ptr, size, ptr, ctypes.c_int, size, size, ptr, size]
     lib.prunekit_smallest_scores.restype = ctypes.c_int
     lib.prunekit_transpose.argtypes = [ptr, size, ptr, size, size, size]
     lib.prunekit_transpose.restype = None

@@ -3,7 +3,7 @@
  * block's unstructured mask, and the transposes into and out of the W^T layout (the last two at
  * the end of this file).
  *
- * The block is Wt[0:width, col0:col1] of W^T (rows = columns of W). With the block's mask
+ * The block is Wt[0:width, 0:cols] of W^T (rows = columns of W). With the block's mask
  * known, or chosen per row of W (N:M), the columns of Wt (rows of W) are independent and each
  * one runs the column loop
  *
@@ -101,21 +101,21 @@ static inline __attribute__((always_inline)) void sweep_tile(vf *t, vf *m, const
     }
 }
 
-/* Sweeps the tiles of columns col0..col1-1 that this thread owns (all of them outside a
+/* Sweeps the tiles of columns 0..cols-1 that this thread owns (all of them outside a
  * parallel region) in work (2 * width vectors); a thread without work buffer (NULL) still
  * takes part in the loop, whose end is a barrier, and skips its tiles. */
 static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
-                        const float *L, const float *r2, int prunen, int prunem, int width, ptrdiff_t col0,
-                        ptrdiff_t col1, vf *work)
+                        const float *L, const float *r2, int prunen, int prunem, int width, ptrdiff_t cols,
+                        vf *work)
 {
     vf *t = work, *m = work + width;
-    const ptrdiff_t tiles = (col1 - col0 + LANES - 1) / LANES;
+    const ptrdiff_t tiles = (cols + LANES - 1) / LANES;
 #pragma omp for schedule(static)
     for (ptrdiff_t tile = 0; tile < tiles; ++tile) {
         if (work == NULL)
             continue;
-        const ptrdiff_t x0 = col0 + tile * LANES;
-        const size_t bytes = (size_t)(col1 - x0 < LANES ? col1 - x0 : LANES) * sizeof(float);
+        const ptrdiff_t x0 = tile * LANES;
+        const size_t bytes = (size_t)(cols - x0 < LANES ? cols - x0 : LANES) * sizeof(float);
         if (bytes == sizeof(vf)) { /* constant sizes: vector moves, no library calls */
             for (int j = 0; j < width; ++j) {
                 memcpy(&t[j], wt + j * ldw + x0, sizeof(vf));
@@ -147,7 +147,7 @@ static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t l
 }
 
 /* wt, mask, err: (width, ld) row-major fp32, leading dimensions ldw, ldm, lde; L: (width,
- * width) row-major, N^T (zero on and above the diagonal). Columns col0..col1-1 of wt are swept
+ * width) row-major, N^T (only its strictly lower part is read). Columns 0..cols-1 of wt are swept
  * in place (pruned entries become exactly 0), err receives their errors (0 where kept). The
  * mask is read from `mask`, or, with prunem > 0 (dividing SUB and width), chosen prunen of
  * every prunem rows as the sweep reaches them (r2: (width,) r_j^2; `mask`'s values are unused).
@@ -155,15 +155,14 @@ static void sweep_tiles(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t l
  * the results do not depend on the thread count). Returns 0, or -1 when a work buffer could
  * not be allocated (some tiles are then left unswept). */
 int prunekit_masked_block(float *wt, ptrdiff_t ldw, const float *mask, ptrdiff_t ldm, float *err, ptrdiff_t lde,
-                          const float *L, const float *r2, int prunen, int prunem, int width, ptrdiff_t col0,
-                          ptrdiff_t col1)
+                          const float *L, const float *r2, int prunen, int prunem, int width, ptrdiff_t cols)
 {
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         vf *work = aligned_alloc(sizeof(vf), 2 * (size_t)width * sizeof(vf));
         failed = work == NULL;
-        sweep_tiles(wt, ldw, mask, ldm, err, lde, L, r2, prunen, prunem, width, col0, col1, work);
+        sweep_tiles(wt, ldw, mask, ldm, err, lde, L, r2, prunen, prunem, width, cols, work);
         free(work);
     }
     return failed ? -1 : 0;
@@ -226,15 +225,15 @@ static uint32_t radix_kth(const uint32_t *x, ptrdiff_t n, ptrdiff_t k, uint32_t 
     return prefix;
 }
 
-/* mask[j][col0 + x] = 1 for the k smallest OBS scores s = (w * w) * r2[j] of w = wt[j][col0 + x]
- * over the block (width x (col1 - col0)), 0 for the others; 0 < k < the block's size. Among
+/* mask[j][x] = 1 for the k smallest OBS scores s = (w * w) * r2[j] of w = wt[j][x] over the
+ * block (width x cols), 0 for the others; 0 < k < the block's size. Among
  * scores equal to the k-th smallest, the lower flat positions (j, then x) win, so the mask is the
  * first k of a stable sort. The scores are non-negative floats, whose bit patterns order like
  * their values: selection runs on those integers. Returns 0, or -1 when memory runs out. */
-int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, int width, ptrdiff_t col0,
-                             ptrdiff_t col1, ptrdiff_t k, float *mask, ptrdiff_t ldm)
+int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, int width, ptrdiff_t cols, ptrdiff_t k,
+                             float *mask, ptrdiff_t ldm)
 {
-    const ptrdiff_t cols = col1 - col0, n = (ptrdiff_t)width * cols;
+    const ptrdiff_t n = (ptrdiff_t)width * cols;
     uint32_t *keys = malloc((size_t)n * sizeof *keys), *a = malloc((size_t)n * sizeof *a),
              *b = malloc((size_t)n * sizeof *b);
     if (keys == NULL || a == NULL || b == NULL) {
@@ -245,7 +244,7 @@ int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, in
     }
 #pragma omp parallel for schedule(static)
     for (int j = 0; j < width; ++j) {
-        const float *w = wt + j * ldw + col0;
+        const float *w = wt + j * ldw;
         const float rj = r2[j];
         uint32_t *kj = keys + j * cols;
         for (ptrdiff_t x = 0; x < cols; ++x)
@@ -258,14 +257,14 @@ int prunekit_smallest_scores(const float *wt, ptrdiff_t ldw, const float *r2, in
 #pragma omp parallel for schedule(static)
         for (int j = 0; j < width; ++j) {
             const uint32_t *kj = keys + j * cols;
-            float *m = mask + j * ldm + col0;
+            float *m = mask + j * ldm;
             for (ptrdiff_t x = 0; x < cols; ++x)
                 m[x] = kj[x] <= t ? 1.0f : 0.0f;
         }
     } else {
         for (int j = 0; j < width; ++j) {
             const uint32_t *kj = keys + j * cols;
-            float *m = mask + j * ldm + col0;
+            float *m = mask + j * ldm;
             for (ptrdiff_t x = 0; x < cols; ++x) {
                 const int tie = kj[x] == t && take > 0;
                 take -= tie;

@@ -160,7 +160,8 @@ def obs_sweep(
         if fixed is not None:
             mask.copy_(fixed[a:b])
         elif prunem:
-            mask.zero_()  # groups not reached yet must read as kept (a group grid looks ahead)
+            if not compiled:  # the compiled kernel chooses N:M masks itself and does not read these
+                mask.zero_()  # groups not reached yet must read as kept (a group grid looks ahead)
         else:
             for r0, r1, sparsity in segments:
                 if sparsity > 0:
@@ -170,11 +171,11 @@ def obs_sweep(
                     else:
                         smallest(block[:, r0:r1].square().mul_(r2[a:b, None]), k, out=mask[:, r0:r1])
 
-        strict = T_inv.triu(1)
         if compiled:
-            # The pruned entries become exactly 0.
-            native.masked_block(block, mask, strict, E, r2=r2[a:b], prunen=prunen, prunem=prunem)
+            # Reads T_inv's strictly upper part only; the pruned entries become exactly 0.
+            native.masked_block(block, mask, T_inv, E, r2=r2[a:b], prunen=prunen, prunem=prunem)
         else:
+            strict = T_inv.triu(1)
             for c in range(a, b, inner):
                 e = min(c + inner, b)
                 W_in = Wt[c:e]
