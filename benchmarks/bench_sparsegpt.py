@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prunekit.kernels import factorize, sparsegpt, sparsegpt_many  # noqa: E402
+from prunekit.kernels import factorize, sparsegpt, sparsegpt_many
 
 # Gemma-3-270M decoder layer (d_model 640): name -> (d_out, d_in, input the linear reads).
 LINEARS = {

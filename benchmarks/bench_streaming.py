@@ -6,7 +6,7 @@ the repository), then run through, each step in a fresh child process:
 
 - floor: the interpreter with torch, transformers and prunekit imported (what any run pays);
 - hessians, in memory: `load_model` + `collect_hessians` (the pipeline's default), the baseline;
-- hessians, streamed: `LayerStream` + `collect_hessians(..., stream=...)`;
+- hessians, streamed: `StreamedModel` + `collect_hessians`;
 - prune, streamed: sequential SparseGPT (uniform 70%), the pruned model written as shards.
 
 Each child reports its own peak RSS (VmHWM of /proc/self/status: the high-water mark of its
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The published OPT shapes (facebook/opt-*): layers, hidden, ffn, heads, embedding projection.
 SIZES = {
@@ -66,12 +65,12 @@ def child(task: str, folder: Path, work: Path, nsamples: int, seqlen: int, prune
     """One measured run; returns its timings (the parent adds the peak RSS it reads)."""
     import torch
 
+    from prunekit.compression.hessians import collect_hessians
+    from prunekit.compression.prune import prune_model
     from prunekit.config import PruneParams
-    from prunekit.drivers import collect_hessians, prune_model
-    from prunekit.hessian_store import HessianStore
-    from prunekit.layerwise import LayerwiseRunner
-    from prunekit.models import adapter_for, load_model, prunable_parameters
-    from prunekit.streaming import LayerStream
+    from prunekit.forward.sources import InMemoryModel, StreamedModel
+    from prunekit.models import prunable_parameters
+    from prunekit.storage.hessian_store import HessianStore
 
     if task == "floor":
         return {}
@@ -80,16 +79,13 @@ def child(task: str, folder: Path, work: Path, nsamples: int, seqlen: int, prune
     windows[:, 0] = 2  # OPT's BOS
     start = time.perf_counter()
     if task == "hessians_memory":
-        model = load_model(str(folder))
-        adapter = adapter_for(model)
-        runner = LayerwiseRunner(model, adapter, windows, device)
-        stream = None
+        source = InMemoryModel.load(folder, device)
     else:
         out = work / "pruned" if task == "prune_stream" else None
-        stream = LayerStream(folder, device, out_dir=out)
+        source = StreamedModel(folder, device, out_dir=out)
         if task == "prune_stream" and prune_layers:  # the rest is saved as read (dense)
-            del stream.layers[prune_layers:]
-        model, adapter, runner = stream.model, stream.adapter, stream.runner(windows)
+            del source.layers[prune_layers:]
+    runner = source.runner(windows)
     setup = time.perf_counter() - start
     n_layers = len(runner)
     start = time.perf_counter()
@@ -97,14 +93,14 @@ def child(task: str, folder: Path, work: Path, nsamples: int, seqlen: int, prune
         path = work / f"{task}.zarr"
         shutil.rmtree(path, ignore_errors=True)
         store = HessianStore.open_for_writing(path, "bench", "bench", n_layers, "float32")
-        collect_hessians(runner, store, torch.float32, stream=stream)
+        collect_hessians(source, runner, store, torch.float32)
     else:
-        sparsity = dict.fromkeys(prunable_parameters(model, adapter), 0.7)
-        prune_model(model, adapter, sparsity, PruneParams(sparsity=0.7), runner=runner, stream=stream)
+        sparsity = dict.fromkeys(prunable_parameters(source.model, source.adapter), 0.7)
+        prune_model(source, sparsity, PruneParams(sparsity=0.7), runner=runner)
     loop = time.perf_counter() - start
     start = time.perf_counter()
     if task == "prune_stream":
-        stream.save(extra={})
+        source.save(extra={})
     save = time.perf_counter() - start
     return {"setup_s": setup, "loop_s": loop, "save_s": save, "n_layers": n_layers, "s_per_layer": loop / n_layers}
 

@@ -30,23 +30,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from prunekit.config import PruneParams, QuantizeParams, ScheduleParams  # noqa: E402
-from prunekit.data import bos_id, calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
-from prunekit.drivers import prune_model, quantize_model  # noqa: E402
-from prunekit.estimate import estimate_layer  # noqa: E402
-from prunekit.evaluate import perplexity  # noqa: E402
-from prunekit.kernels import QuantSpec  # noqa: E402
-from prunekit.layerwise import LayerwiseRunner  # noqa: E402
-from prunekit.models import adapter_for, decoder_layers, layer_linears, load_model, load_tokenizer  # noqa: E402
-from prunekit.sensitivity import allocate_measured, allocate_ranked, block_sensitivity  # noqa: E402
+from prunekit.allocation.estimate import estimate_layer
+from prunekit.allocation.sensitivity import allocate_measured, allocate_ranked, block_sensitivity
+from prunekit.compression.prune import prune_model
+from prunekit.compression.quantize import quantize_model
+from prunekit.config import PruneParams, QuantizeParams, ScheduleParams
+from prunekit.data import bos_id, calibration_windows, eval_windows, load_text, tokenize
+from prunekit.forward.layerwise import LayerwiseRunner
+from prunekit.forward.scoring import perplexity
+from prunekit.forward.sources import InMemoryModel
+from prunekit.kernels import QuantSpec
+from prunekit.models import adapter_for, decoder_layers, layer_linears, load_model, load_tokenizer
 
 log = logging.getLogger("full_protocol")
 
@@ -195,9 +194,9 @@ def searched_sparsity(model, adapter, calib, hessians, target, o, device, args, 
     """Schedule from prunekit.search.search_schedule: database (along uniform pruning, or with
     o['along'] == 'init' along the start schedule), search, then o['rounds'] (generations each)
     with the database rebuilt along the schedule found so far."""
-    from prunekit.search import SearchSpec, levels_around, search_schedule
+    from prunekit.allocation.search import search_schedule
+    from prunekit.config import SearchParams
 
-    levels = levels_around(target, o["step"], o["lo"], o["hi"])
     init = None
     if args.continue_from:  # another search's result (in --out), continued with this config's seed
         init = results[args.continue_from]["search"]["sparsity"]
@@ -207,11 +206,12 @@ def searched_sparsity(model, adapter, calib, hessians, target, o, device, args, 
         curves, _ = sensitivity_curves(model, adapter, calib, hessians, SENS_RANKED, args, device, sens_cache)
         init = sensitivity_sparsity(curves, "ranked", target, SENS_RANKED)
     o = {**o, **{k: v for k, v in (("seed", args.seed), ("generations", args.generations)) if v is not None}}
-    spec = SearchSpec(**{k: o[k] for k in ("generations", "offspring", "survivors", "max_mutations",
-                                           "screen_windows", "unit", "seed")}, fitness=o.get("fitness", "nll"))
-    result = search_schedule(model, adapter, calib, target, levels, spec, fit_windows=o["fit_windows"],
-                             database=o.get("database", "dense"), init=init, along_init=o.get("along") == "init",
-                             rounds=o.get("rounds", ()), hessian_of=hessians.__getitem__, device=device)
+    spec = SearchParams(**{k: o[k] for k in ("generations", "offspring", "survivors", "max_mutations", "screen_windows",
+                                             "unit", "seed", "step", "fit_windows")},
+                        fitness=o.get("fitness", "nll"), database=o.get("database", "dense"),
+                        rounds=tuple(o.get("rounds", ())), span=0.999)  # levels bounded by lo and hi alone
+    result = search_schedule(model, adapter, calib, target, spec, lo=o["lo"], hi=o["hi"], init=init,
+                             along_init=o.get("along") == "init", hessian_of=hessians.__getitem__, device=device)
     info = {"database_s": sum(r["database_s"] for r in result.rounds), "search_s": sum(r["search_s"] for r in result.rounds),
             "evaluations": result.evaluations, "uniform_fitness": result.uniform_fitness, "fitness": result.fitness,
             "rounds": result.rounds, "unit_sparsity": result.unit_sparsity,
@@ -243,6 +243,7 @@ def run(args) -> None:
     t0 = time.time()
     model = load_model(args.model, device=device)
     adapter = adapter_for(model)
+    source = InMemoryModel(model, device)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     log.info("loaded %s in %.1f s on %s", args.model, time.time() - t0, device)
     hessians = est = None
@@ -277,25 +278,24 @@ def run(args) -> None:
                                                  ["unit", "layer", "linears"]].itertuples(index=False)}
                     log.info("%s allocation: %s", name, info["unit_sparsity"])
                 else:
-                    from prunekit.schedule import allocate
+                    from prunekit.allocation.schedule import allocate
 
                     table = allocate(est, target, ScheduleParams(allocator=allocator, **overrides))
                     sparsity = dict(zip(table["key"], table["sparsity"]))
                 params = PruneParams(method=method, sparsity=target, structure=structure, mode=mode)
                 if mode == "sequential":
                     quant = QuantSpec(**{k: v for k, v in q.items() if k != "act_order"}) if joint else None
-                    stats = prune_model(model, adapter, sparsity, params, quant=quant,
-                                        runner=LayerwiseRunner(model, adapter, calib, device))
+                    stats = prune_model(source, sparsity, params, quant=quant, runner=source.runner(calib))
                 else:
-                    stats = prune_model(model, adapter, sparsity, params, store=_DenseStore(hessians))
+                    stats = prune_model(source, sparsity, params, store=_DenseStore(hessians))
                 n = sum(s["params"] for s in stats.values())
                 info["sparsity"] = sum(s["sparsity"] * s["params"] for s in stats.values()) / n
             if bits and not joint:
-                quantize_model(model, adapter, LayerwiseRunner(model, adapter, calib, device), QuantizeParams(**q))
+                quantize_model(source, source.runner(calib), QuantizeParams(**q))
             info.update(q)
         info["compress_s"] = time.time() - t
         for dataset, windows in evals.items():
-            info[dataset] = perplexity(model, windows, batch_size=args.batch_size, desc=dataset)["ppl"]
+            info[dataset] = perplexity(source, windows, desc=dataset)["ppl"]
         info["total_s"] = time.time() - t
         results[args.save_as or name] = info
         log.info("%s", json.dumps(info))
@@ -347,7 +347,6 @@ def main() -> None:
     r.add_argument("--device", default="auto")
     r.add_argument("--nsamples", type=int, default=None, help="use only the first n calibration windows")
     r.add_argument("--max-windows", type=int, default=None, help="evaluate only the first n windows")
-    r.add_argument("--batch-size", type=int, default=4)
     r.add_argument("--sens-windows", type=int, default=16,
                    help="calibration windows on which ranked/measured configs measure sensitivity")
     r.add_argument("--continue-from", default=None, metavar="CONFIG",

@@ -1,7 +1,7 @@
 """Kill the hessians and prune stages at random points; check that reruns resume and match.
 
 On a small random LLaMA-style model in a temporary folder: an uninterrupted run of every stage
-up to prune gives the reference outputs. Then, per trial, `python -m stages.<stage>` is started
+up to prune gives the reference outputs. Then, per trial, `prunekit stage <stage>` is started
 and sent SIGKILL after a random delay after its layer loop starts (its progress bar shows on
 stderr), uniform over the time the uninterrupted run spent in that loop (for prune, and in the
 model's save after it), and the checks are:
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODEL = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
@@ -39,7 +38,7 @@ STORE, PRUNED = "data/hessians/kr__c4.zarr", "data/pruned/kr"
 
 def stage(cwd: Path, name: str, env: dict, kill_after: float | None = None, marker: str = "",
           end_marker: str = "100%|") -> tuple[int, float, float]:
-    """Run `python -m stages.<name>` in cwd; SIGKILL it kill_after seconds after `marker` first
+    """Run `prunekit stage <name>` in cwd; SIGKILL it kill_after seconds after `marker` first
     shows on its stderr (the stage's progress bar: its layer loop started).
 
     Returns (rc, loop start s, loop end s): when `marker` and then `end_marker` first showed.
@@ -47,7 +46,7 @@ def stage(cwd: Path, name: str, env: dict, kill_after: float | None = None, mark
     start = time.monotonic()
     seen, done = None, None
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "stage", name], cwd=cwd, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, text=True)
         while proc.poll() is None:
             time.sleep(0.02)
@@ -92,7 +91,7 @@ def store_content(path: Path) -> dict:
 
 
 def finished_layers(path: Path) -> list[int]:
-    from prunekit.hessian_store import HessianStore
+    from prunekit.storage.hessian_store import HessianStore
 
     if not path.exists():
         return []

@@ -1,1 +1,2 @@
-"""Prefect flows around the stages."""
+"""The edges that run the stages: Prefect flows (`pipeline`), one loopback Prefect server for a
+whole `dvc repro` (`server`), and the `prunekit` command (`cli`)."""

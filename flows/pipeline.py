@@ -1,8 +1,9 @@
 """Prefect orchestration: each stage runs as a flow whose per-layer steps are tasks, and the
 whole pipeline runs as one flow of stage subflows.
 
-    python -m flows.pipeline            # every stage, in order, as one Prefect flow (no DVC cache)
-    dvc repro                           # the same stages, each in its own process, cached by DVC
+    prunekit flow                       # every stage, in order, as one Prefect flow (no DVC cache)
+    prunekit run                        # dvc repro: the same stages, each in its own process
+                                        # (`prunekit stage <name>`), cached by DVC
 
 The library's layer loops call `step(fn, *args)` for every per-layer unit of work; here that
 step becomes a Prefect task named after the function, so runs show one task per layer with its
@@ -20,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import sys
 from collections.abc import Callable
 
 from prefect import flow, task
@@ -28,11 +28,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from prunekit.config import ConfigError, Params, RuntimeParams, load_params
-from prunekit.hessian_store import StoreError
-
-STAGES = ("prepare_model", "calibrate", "hessians", "estimate", "sensitivity", "schedule", "prune", "quantize", "export",
-          "evaluate", "report")
+from prunekit.config import ConfigError, Params, RuntimeParams
+from prunekit.storage.hessian_store import StoreError
+from stages import STAGES
+from stages.common import Paths, require
 
 
 def _refusing(fn: Callable) -> Callable:
@@ -124,29 +123,9 @@ def stage_module(name: str):
 @flow(name="pipeline", persist_result=False, validate_parameters=False)
 def pipeline(params: Params) -> None:
     """Every stage in dvc.yaml order, as subflows of one flow run."""
-    from stages.common import Paths, require
-
     for name in STAGES:
         module = stage_module(name)
         for variant in getattr(module, "VARIANTS", [None]):
             args = () if variant is None else (variant,)
             require(*module.needs(Paths.of(params), *args))
             run_stage(name, module.run, params, *args)
-
-
-def main() -> None:
-    from stages.common import setup_environment
-
-    setup_environment()
-    try:
-        params = load_params("params.yaml")
-        for name in STAGES:
-            stage_module(name).check(params)
-        pipeline(params)
-    except (ConfigError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -5,8 +5,8 @@ Without PREFECT_API_URL every Python process that runs a flow starts its own tem
 127.0.0.1 (state under PREFECT_HOME inside the project, telemetry off), runs the command with
 PREFECT_API_URL pointing at it, and stops the server afterwards.
 
-    python -m flows.server dvc repro
-    python -m flows.server python -m flows.pipeline
+    prunekit run                        # = python -m flows.server dvc repro
+    python -m flows.server prunekit flow
 """
 from __future__ import annotations
 
@@ -20,13 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def offline_env(base: dict | None = None) -> dict:
     """Environment for quiet, offline Prefect: state in the project, no analytics."""
     env = dict(os.environ if base is None else base)
-    env.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    env.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))  # the project the command runs in
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["DO_NOT_TRACK"] = "1"
     env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -8,6 +8,8 @@ Example::
     >>> cfg = Params.model_validate({"prune": {"sparsity": 0.7}})
     >>> cfg.prune.sparsity, cfg.calibration.nsamples
     (0.7, 16)
+
+The defaults here are params.yaml's (a test keeps the two equal).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class CalibrationParams(_Section):
     source: str = "c4"
     c4_docs: tuple[int, int] = (1000, 2000)
     nsamples: int = Field(16, gt=0)
-    seqlen: int = Field(512, gt=1)
+    seqlen: int = Field(256, gt=1)
     seed: int = 0
 
     @field_validator("c4_docs")
@@ -100,6 +102,8 @@ class SearchParams(_Section):
     # Further rounds (generations each), each with the sequential database rebuilt along the
     # schedule found so far, so the search's scores follow its own pruned prefix again.
     rounds: tuple[int, ...] = ()
+    seed: int = 0
+    tf32: bool = True  # CUDA: score with TF32 matmuls (a ranking needs no more; pruning is unaffected)
 
     @field_validator("rounds")
     @classmethod
@@ -116,7 +120,7 @@ class SearchParams(_Section):
 
 
 class ScheduleParams(_Section):
-    allocator: Literal["uniform", "kmeans", "owl", "ranked", "search"] = "kmeans"
+    allocator: Literal["uniform", "kmeans", "owl", "ranked", "search"] = "search"
     unit: Literal["block", "linear"] = "block"
     k: int = Field(3, ge=1)
     spread: float = Field(0.05, ge=0, lt=1)
@@ -166,20 +170,19 @@ class PruneParams(_Section):
 class QuantizeParams(_Section):
     enabled: bool = True
     bits: int = Field(4, ge=2, le=8)
-    groupsize: int | None = Field(None, ge=1)
+    groupsize: int | None = Field(128, ge=1)
     sym: bool = False
-    act_order: bool = False
-    mse: bool = False  # grid range searched per row/group for the least |x - q|^2.4 (GPTQ's mse)
+    act_order: bool = True
+    mse: bool = True  # grid range searched per row/group for the least |x - q|^2.4 (GPTQ's mse)
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, ge=0)
 
 
 class EvaluateParams(_Section):
     datasets: tuple[str, ...] = ("wikitext2", "c4")
-    seqlen: int = Field(512, gt=1)
+    seqlen: int = Field(256, gt=1)
     # None = every window of the text (the full protocol); an int caps it for quick CPU runs.
-    max_windows: int | None = Field(8, ge=1)
-    batch_size: int = Field(1, ge=1)
+    max_windows: int | None = Field(4, ge=1)
 
 
 class RuntimeParams(_Section):

@@ -1,4 +1,4 @@
-"""Text sources and token windows for calibration and evaluation (protocol: shared DESIGN.md).
+"""Text sources and token windows for calibration and evaluation (the evaluation protocol).
 
 - wikitext2 / wikitext2-valid: WikiText-2 raw; a blank line (" ") becomes "", any other line
   keeps its trailing newline, rows joined with "\\n\\n" (the HF rows as SparseGPT joins them).

@@ -208,7 +208,8 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | N
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     if extra:
         (tmp / "prunekit.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
     if more_files is not None:

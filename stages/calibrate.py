@@ -7,7 +7,7 @@ from prunekit.artifacts import fingerprint, folder_fingerprint
 from prunekit.config import ConfigError, Params
 from prunekit.data import C4_EVAL_DOCS, WIKITEXT, bos_id, calibration_windows, load_text, tokenize, write_calibration
 from prunekit.models import load_tokenizer, max_positions
-from stages.common import Paths, log, main
+from stages.common import Paths, log
 
 
 def check(params: Params) -> None:
@@ -44,7 +44,3 @@ def run(params: Params, step) -> None:
         "text_tokens": len(ids),
     }
     write_calibration(paths.calib, windows, meta)
-
-
-if __name__ == "__main__":
-    main("calibrate")

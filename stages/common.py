@@ -1,17 +1,22 @@
-"""What every stage shares: artifact paths (mirroring dvc.yaml), loading, and the CLI wrapper."""
+"""What every stage shares: artifact paths (mirroring dvc.yaml) and opening its inputs.
+
+A stage module is `check(params)` (refuse bad parameters before anything runs), `needs(paths)`
+(the input artifacts it reads) and `run(params, step)` (params in, library call, outs out);
+`flows.pipeline` runs it as a Prefect flow, `prunekit stage <name>` from the command line.
+"""
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit.artifacts import read_json
-from prunekit.config import ConfigError, Params, load_params
-from prunekit.hessian_store import StoreError
+from prunekit.config import ConfigError, Params
+from prunekit.forward.sources import LayerSource, open_source
 
 log = logging.getLogger("stages")
+
+VARIANTS = ("dense", "pruned", "compressed")  # the models the evaluate stage scores (dvc.yaml's foreach)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class Paths:
         )
 
     def model_dir(self, which: str) -> Path:
-        dirs = {"dense": self.model, "pruned": self.pruned, "compressed": self.compressed}
+        dirs = dict(zip(VARIANTS, (self.model, self.pruned, self.compressed)))
         if which not in dirs:
             raise ConfigError(f"unknown model variant {which!r}; one of {', '.join(dirs)}")
         return dirs[which]
@@ -71,50 +76,23 @@ def read_artifact(path: Path, stage: str) -> dict:
         raise ConfigError(f"{path} is unreadable or not JSON ({type(exc).__name__}); rerun the {stage} stage") from None
 
 
-def open_model(params: Params, model_dir: Path, device, out_dir: Path | None = None):
-    """(stream, model, adapter) for a layer loop: the model in memory (stream None), or with
-    runtime.stream its meta-device skeleton read one decoder layer at a time (and written to
-    out_dir as it goes)."""
-    if params.runtime.stream:
-        from prunekit.streaming import LayerStream
-
-        stream = LayerStream(model_dir, device, out_dir=out_dir)
-        return stream, stream.model, stream.adapter
-    return (None, *whole_model(model_dir, device))
-
-
-def whole_model(model_dir: Path, device, params: Params | None = None, why: str = ""):
-    """(model, adapter) in memory. A stage that must run the whole model many times (why) says
-    so when the params ask for streaming."""
-    from prunekit.models import adapter_for, load_model
-
-    if params is not None and params.runtime.stream:
+def open_model(params: Params, model_dir: Path, device, out_dir: Path | None = None, why: str = "") -> LayerSource:
+    """The model in `model_dir` as a layer source: streamed one decoder layer at a time with
+    runtime.stream, else in memory; with `out_dir` its `save` publishes the modified model
+    there. A stage that must hold the whole model to run it many times says so (`why`) and
+    loads it in memory even when the params ask for streaming."""
+    stream = params.runtime.stream
+    if stream and why:
         log.warning("runtime.stream: %s runs the whole model in memory; for a model larger than memory use "
                     "schedule.allocator uniform, kmeans or owl", why)
-    model = load_model(str(model_dir), device=device)
-    return model, adapter_for(model)
+        stream = False
+    return open_source(model_dir, device, stream=stream, out_dir=out_dir)
 
 
-def layer_runner(stream, model, adapter, windows, device):
-    """The calibration windows' layer-by-layer runner, reading streamed layers when streaming."""
-    from prunekit.layerwise import LayerwiseRunner
+def tokenizer_of(model_dir: Path):
+    from prunekit.models import load_tokenizer
 
-    return stream.runner(windows) if stream is not None else LayerwiseRunner(model, adapter, windows, device)
-
-
-def save_result(stream, model, tokenizer_dir: Path, out_dir: Path, extra: dict, more_files=None) -> None:
-    """Write the modified model with prunekit.json = extra + its "fingerprint" (a stream computes
-    the same fingerprint from the files it wrote); `more_files(folder)` adds files before the
-    folder is published, so they appear together with the model or not at all."""
-    from prunekit.artifacts import state_fingerprint
-    from prunekit.models import load_tokenizer, save_model
-
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    if stream is not None:
-        stream.save(tokenizer, extra, more_files)
-    else:
-        save_model(model.cpu(), tokenizer, out_dir, extra={"fingerprint": state_fingerprint(model), **extra},
-                   more_files=more_files)
+    return load_tokenizer(str(model_dir))
 
 
 def require(*paths: Path) -> None:
@@ -122,31 +100,3 @@ def require(*paths: Path) -> None:
     for path in paths:
         if not path.exists():
             raise ConfigError(f"missing input {path} (run the stage that makes it, or `dvc repro`)")
-
-
-def setup_environment() -> None:
-    """Quiet, offline defaults (Prefect state inside the project, no telemetry) and logging."""
-    from flows.server import offline_env
-
-    os.environ.update(offline_env())
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def main(name: str, *args: str) -> None:
-    """`python -m stages.<name>`: read params.yaml, check it and the stage's inputs, then run
-    the stage as a Prefect flow; bad input exits with status 2 and one line, before heavy work."""
-    setup_environment()
-    try:
-        params = load_params("params.yaml")
-        from flows.pipeline import run_stage, stage_module
-
-        stage = stage_module(name)
-        stage.check(params)
-        require(*stage.needs(Paths.of(params), *args))
-        run_stage(name, stage.run, params, *args)
-    except (ConfigError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -1,6 +1,6 @@
 """evaluate@<model>: perplexity of the dense, pruned or compressed model -> reports/metrics/<model>.json.
 
-    python -m stages.evaluate pruned
+    prunekit stage evaluate pruned
 """
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from pathlib import Path
 from prunekit.artifacts import read_json, write_json
 from prunekit.config import ConfigError, Params
 from prunekit.data import WIKITEXT, bos_id
-from prunekit.evaluate import evaluate_model, protocol
-from prunekit.models import load_tokenizer, max_positions, pick_device
-from stages.common import Paths, log, main, open_model
-
-VARIANTS = ("dense", "pruned", "compressed")
+from prunekit.forward.scoring import evaluate_model, protocol
+from prunekit.models import max_positions, pick_device
+from stages.common import VARIANTS, Paths, log, open_model, tokenizer_of
 
 
 def check(params: Params) -> None:
@@ -39,12 +37,12 @@ def run(params: Params, step, variant: str = "dense") -> None:
     limit = max_positions(str(model_dir))
     if limit is not None and e.seqlen > limit:
         raise ConfigError(f"evaluate.seqlen {e.seqlen} exceeds the model's limit of {limit} positions")
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = tokenizer_of(model_dir)
     # streamed: the windows go through one decoder layer at a time, read from model_dir's files
-    stream, model, _ = open_model(params, model_dir, pick_device(params.runtime.device))
+    source = open_model(params, model_dir, pick_device(params.runtime.device))
     log.info("evaluating the %s model (%s) on %s: %d-token windows, %s", variant, model_dir, ", ".join(e.datasets),
              e.seqlen, "all windows" if e.max_windows is None else f"at most {e.max_windows} windows")
-    results = evaluate_model(model, tokenizer, e.datasets, e.seqlen, e.max_windows, e.batch_size, stream=stream)
+    results = evaluate_model(source, tokenizer, e.datasets, e.seqlen, e.max_windows)
     for name, r in results.items():
         log.info("%s %s ppl %.3f over %d tokens", variant, name, r["ppl"], r["tokens"])
     write_json(out, {
@@ -54,9 +52,3 @@ def run(params: Params, step, variant: str = "dense") -> None:
         "ppl": {name: r["ppl"] for name, r in results.items()},
         "details": results,
     })
-
-
-if __name__ == "__main__":
-    import sys
-
-    main("evaluate", *sys.argv[1:])

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from prunekit.compression.hessians import collect_hessians
 from prunekit.config import ConfigError, Params
 from prunekit.data import read_calibration
-from prunekit.drivers import collect_hessians
-from prunekit.hessian_store import HessianStore
-from prunekit.mapreduce import collect_hessians_sharded
-from prunekit.models import decoder_layers, pick_device
-from stages.common import Paths, layer_runner, main, model_fingerprint, open_model
+from prunekit.models import pick_device
+from prunekit.storage.hessian_store import HessianStore
+from stages.common import Paths, model_fingerprint, open_model
 
 
 def check(params: Params) -> None:
@@ -28,15 +27,8 @@ def run(params: Params, step) -> None:
     paths, device = Paths.of(params), pick_device(params.runtime.device)
     dtype = getattr(torch, params.hessians.dtype)
     windows, calib = read_calibration(paths.calib)
-    stream, model, adapter = open_model(params, paths.model, device)  # streamed: one decoder layer at a time
-    runner = layer_runner(stream, model, adapter, windows, device)
+    source = open_model(params, paths.model, device)  # streamed: one decoder layer at a time
     store = HessianStore.open_for_writing(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"],
-                                          len(decoder_layers(model, adapter)), params.hessians.dtype)
-    if params.runtime.shards > 1:  # map-reduce over calibration shards on the task runner
-        collect_hessians_sharded(runner, store, dtype, step, params.runtime.shards)
-    else:
-        collect_hessians(runner, store, dtype, step, stream=stream)
-
-
-if __name__ == "__main__":
-    main("hessians")
+                                          len(source.layers), params.hessians.dtype)
+    # shards > 1: map-reduce over calibration shards on the task runner
+    collect_hessians(source, source.runner(windows), store, dtype, step, params.runtime.shards)

@@ -12,7 +12,7 @@ import torch
 from prunekit.artifacts import state_fingerprint
 from prunekit.config import ConfigError, Params
 from prunekit.models import adapter_for, load_model, load_tokenizer, resolve_source, save_model
-from stages.common import Paths, log, main
+from stages.common import Paths, log
 
 
 def check(params: Params) -> None:
@@ -33,7 +33,7 @@ def finite_check(source: str):
 
 def why_not_streamed(source: str) -> str | None:
     """Why `source` must be loaded whole by transformers; None for a local safetensors folder."""
-    from prunekit.streaming import INDEX_FILE, SINGLE_FILE
+    from prunekit.storage.checkpoint import INDEX_FILE, SINGLE_FILE
 
     where, gguf = resolve_source(source)
     if gguf is not None:
@@ -67,10 +67,10 @@ def run(params: Params, step) -> None:
 def prepare_streamed(source: str, tokenizer, out_dir: Path) -> None:
     """Copy the checkpoint layer by layer: each tensor read is cast to float32 (as load_model
     does) and checked; the tied head is stored once, as the embedding (as save_pretrained does)."""
-    from prunekit.streaming import LayerStream
+    from prunekit.forward.sources import StreamedModel
 
     log.info("streaming %s one decoder layer at a time", source)
-    stream = LayerStream(source, torch.device("cpu"), out_dir=out_dir, check=finite_check(source))
+    stream = StreamedModel(source, torch.device("cpu"), out_dir=out_dir, check=finite_check(source))
     try:
         for i in range(len(stream.layers)):
             with stream.layer(i):  # read (and checked) here, written to the output on exit
@@ -79,7 +79,3 @@ def prepare_streamed(source: str, tokenizer, out_dir: Path) -> None:
         stream.save(tokenizer, extra=meta)  # copies the rest, adds the fingerprint, publishes
     finally:
         stream.discard()
-
-
-if __name__ == "__main__":
-    main("prepare_model")

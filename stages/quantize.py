@@ -6,14 +6,12 @@ import shutil
 import torch
 
 from prunekit.artifacts import read_json, replace_dir, write_json
+from prunekit.compression.quantize import quantize_model
 from prunekit.config import Params
 from prunekit.data import read_calibration
-from prunekit.drivers import quantize_model
 from prunekit.models import pick_device
-from prunekit.packing import save_grids
-from stages.common import Paths, layer_runner, log, main, open_model, save_result
-
-QPARAMS = "qparams.safetensors"  # GPTQ grid of every decoder linear, next to the model
+from prunekit.storage.packing import QPARAMS, save_grids
+from stages.common import Paths, log, open_model, tokenizer_of
 
 
 def check(params: Params) -> None:
@@ -37,20 +35,14 @@ def run(params: Params, step) -> None:
     log.info("GPTQ %d-bit (%s) of %s on %d calibration windows, %s", q.bits,
              f"groups of {q.groupsize}" if q.groupsize else "per channel", paths.pruned, len(windows), device)
     # streamed: one decoder layer in memory at a time, written to paths.compressed as it goes
-    stream, model, adapter = open_model(params, paths.pruned, device, out_dir=paths.compressed)
-    runner = layer_runner(stream, model, adapter, windows, device)
+    source = open_model(params, paths.pruned, device, out_dir=paths.compressed)
     grids: dict = {}
-    stats = quantize_model(model, adapter, runner, q, hessian_dtype=getattr(torch, params.hessians.dtype), step=step,
-                           grids=grids, stream=stream)
+    stats = quantize_model(source, source.runner(windows), q, hessian_dtype=getattr(torch, params.hessians.dtype),
+                           step=step, grids=grids)
     pruned_meta = read_json(paths.pruned / "prunekit.json")
     extra = {"pruned_fingerprint": pruned_meta["fingerprint"], "quantize": q.model_dump(mode="json"),
              "enabled": True, "linears": stats, "qparams": QPARAMS}
     # The grids let the export stage store integer codes that read back to these exact weights;
     # written into the folder before it is published, so a model never appears without them.
-    grid_tensors = {f"{adapter.layers}.{key}.weight": g for key, g in grids.items()}
-    save_result(stream, model, paths.pruned, paths.compressed, extra,
-                more_files=lambda folder: save_grids(folder / QPARAMS, grid_tensors))
-
-
-if __name__ == "__main__":
-    main("quantize")
+    grid_tensors = {f"{source.adapter.layers}.{key}.weight": g for key, g in grids.items()}
+    source.save(tokenizer_of(paths.pruned), extra, more_files=lambda folder: save_grids(folder / QPARAMS, grid_tensors))

@@ -1,9 +1,9 @@
 """schedule: loss estimates (+ measured sensitivity, model, calibration) -> sparsity per linear.
 
 Allocators (schedule.allocator):
-- uniform, kmeans (the paper), owl: from the layer-local loss estimates (prunekit.schedule).
+- uniform, kmeans (the paper), owl: from the layer-local loss estimates (prunekit.allocation.schedule).
 - ranked: blocks ordered by measured output sensitivity (sensitivity stage).
-- search: evolutionary search of per-unit levels scored by calibration NLL (prunekit.search),
+- search: evolutionary search of per-unit levels scored by calibration NLL (prunekit.allocation.search),
   started from the ranked schedule by default. Uses the model, the calibration windows and,
   with search.database 'dense', the Hessian store.
 
@@ -15,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from prunekit import plots
+from prunekit.allocation.schedule import allocate, unit_log_loss
 from prunekit.artifacts import write_atomic, write_json
 from prunekit.config import ConfigError, Params
-from prunekit.schedule import allocate, unit_log_loss
-from stages.common import Paths, log, main, model_fingerprint, whole_model
+from prunekit.models import adapter_for
+from prunekit.reporting import plots
+from stages.common import Paths, model_fingerprint, open_model
 
 MEASURED = ("ranked", "search")
 
@@ -60,7 +61,7 @@ def run(params: Params, step) -> None:
 
 
 def _ranked(params: Params, paths: Paths) -> dict[str, float]:
-    from prunekit.sensitivity import allocate_ranked
+    from prunekit.allocation.sensitivity import allocate_ranked
 
     s = params.schedule
     curves = pd.read_parquet(paths.sensitivity)
@@ -70,42 +71,30 @@ def _ranked(params: Params, paths: Paths) -> dict[str, float]:
 def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, float]:
     import torch
 
+    from prunekit.allocation.search import search_schedule
     from prunekit.data import read_calibration
     from prunekit.models import pick_device
-    from prunekit.search import SearchSpec, levels_around, search_schedule
 
     q, s, target = params.schedule.search, params.schedule, params.prune.sparsity
     device = pick_device(params.runtime.device)
     windows, calib = read_calibration(paths.calib)
-    model, adapter = whole_model(paths.model, device, params, "the search (many forward passes)")
-    levels = levels_around(target, q.step, max(s.min_sparsity, target - q.span), min(s.max_sparsity, target + q.span))
-    log.info("search: %d levels %s, %s database, start %s, %d further round(s)", len(levels), levels.tolist(),
-             q.database, q.init, len(q.rounds))
+    model = open_model(params, paths.model, device, why="the search (many forward passes)").model
     hessian_of = None
     if q.database == "dense":
-        from prunekit.hessian_store import HessianStore
+        from prunekit.storage.hessian_store import HessianStore
 
         store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
         hessian_of = lambda i: store.hessians(i, device)  # noqa: E731
     init = _ranked(params, paths) if q.init == "ranked" else None
-    spec = SearchSpec(generations=q.generations, offspring=q.offspring, survivors=q.survivors,
-                      max_mutations=q.max_mutations, screen_windows=q.screen_windows, unit=q.unit, seed=s.seed,
-                      fitness=q.fitness)
     with torch.no_grad():
-        result = search_schedule(model, adapter, windows, target, levels, spec, fit_windows=q.fit_windows,
-                                 database=q.database, init=init, rounds=q.rounds, hessian_of=hessian_of,
-                                 device=device, step=step, percdamp=params.prune.percdamp,
-                                 blocksize=params.prune.blocksize)
+        result = search_schedule(model, adapter_for(model), windows, target, q, lo=s.min_sparsity, hi=s.max_sparsity,
+                                 init=init, hessian_of=hessian_of, device=device, step=step,
+                                 percdamp=params.prune.percdamp, blocksize=params.prune.blocksize)
     # No timings in the schedule: prune depends on it, so it must be byte-identical for the same
     # params (the search's timings go to reports/search.csv).
-    extra["search"] = {"levels": levels.tolist(), "fitness": q.fitness, "uniform": result.uniform_fitness,
+    extra["search"] = {"levels": result.levels, "fitness": q.fitness, "uniform": result.uniform_fitness,
                        "start": float(result.history["fitness"].iloc[0]), "searched": result.fitness,
                        "evaluations": result.evaluations,
                        "rounds": [{k: r[k] for k in ("generations", "start", "fitness")} for r in result.rounds]}
     write_atomic(paths.reports / "search.csv", result.history.to_csv(index=False))
     return result.sparsity
-
-
-
-if __name__ == "__main__":
-    main("schedule")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 
+from prunekit.allocation.sensitivity import block_sensitivity
 from prunekit.artifacts import write_atomic
 from prunekit.config import Params
 from prunekit.data import read_calibration
-from prunekit.hessian_store import HessianStore
-from prunekit.models import decoder_layers, pick_device
-from prunekit.sensitivity import block_sensitivity
-from stages.common import Paths, log, main, model_fingerprint, whole_model
+from prunekit.models import pick_device
+from prunekit.storage.hessian_store import HessianStore
+from stages.common import Paths, log, model_fingerprint, open_model
 
 COLUMNS = {"unit": "object", "layer": "int64", "linears": "object", "params": "int64", "sparsity": "float64",
            "delta_nll": "float64", "dense_nll": "float64"}
@@ -44,17 +44,12 @@ def run(params: Params, step) -> None:
         write_atomic(paths.sensitivity, empty.to_parquet(index=False))
         return
     windows, calib = read_calibration(paths.calib)
-    model, adapter = whole_model(paths.model, device, params, "the sensitivity measurement (many forward passes)")
+    source = open_model(params, paths.model, device, why="the sensitivity measurement (many forward passes)")
     store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"])
-    hessians = {i: store.hessians(i, device)
-                for i in range(len(decoder_layers(model, adapter)))}
-    curves = step(block_sensitivity, model, adapter, windows[: p.windows], hessians, p.grid,
+    hessians = {i: store.hessians(i, device) for i in range(len(source.layers))}
+    curves = step(block_sensitivity, source.model, source.adapter, windows[: p.windows], hessians, p.grid,
                   percdamp=params.estimate.percdamp, device=device)
     log.info("dense calibration NLL %.4f; largest Δ at %.2f: %.4f (block %s)", curves.attrs["dense_nll"],
              max(p.grid), curves["delta_nll"].max(), curves.loc[curves["delta_nll"].idxmax(), "unit"])
     curves["dense_nll"] = curves.attrs["dense_nll"]
     write_atomic(paths.sensitivity, curves.to_parquet(index=False))
-
-
-if __name__ == "__main__":
-    main("sensitivity")

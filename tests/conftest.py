@@ -1,13 +1,9 @@
-import sys
 from pathlib import Path
 
 import pytest
+from tiny import CONFIGS, make_tiny_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny import CONFIGS, make_tiny_model, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +57,10 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     for section, values in [*quick.items(), *overrides.items()]:
         params.setdefault(section, {}).update(values)
     return params
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that run stages through DVC or Prefect are the `pipeline` lane (`scripts/test --fast` skips it)."""
+    for item in items:
+        if "prefect_api" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.pipeline)

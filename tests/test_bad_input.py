@@ -7,7 +7,6 @@ truncated, from another model or not a Hessian, a broken schedule or calibration
 the good ones of a prepared working directory.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,16 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 import zarr
+from conftest import tiny_params
 
-from conftest import ROOT, tiny_params
-from prunekit.hessian_store import HessianStore
+from prunekit.storage.hessian_store import HessianStore
 
 STORE, CALIB = "data/hessians/tiny__c4.zarr", "data/calib/tiny__c4.parquet"
 
 
 def _stage(cwd: Path, name: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "flows", "stage", name, *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -253,12 +251,8 @@ CASES = {
     "unknown evaluation dataset": Case("evaluate", {"evaluate": {"datasets": ["imagenet"]}},
                                        "unknown evaluation dataset 'imagenet'", "reports/metrics/dense.json",
                                        args=("dense",)),
-    "unknown model variant": Case("evaluate", {}, "unknown model variant 'bogus'", "reports/metrics", args=("bogus",)),
+    "unknown model variant": Case("evaluate", {}, "needs one of dense, pruned, compressed, got 'bogus'", "reports/metrics", args=("bogus",)),
 }
-
-
-def test_enough_cases():
-    assert len(CASES) >= 20
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

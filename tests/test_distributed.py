@@ -1,7 +1,6 @@
 """Distributed work: Hessians as map-reduce over calibration shards, parallel pruning as
 independent submissions, and the stage flows on a 2-worker Dask LocalCluster equal to threads."""
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_params
 
-from conftest import ROOT, tiny_params
-from prunekit.drivers import collect_hessians
-from prunekit.hessian_store import HessianStore
-from prunekit.layerwise import HessianAccumulator, LayerwiseRunner
-from prunekit.mapreduce import collect_hessians_sharded, split
+from prunekit.compression.hessians import collect_hessians, split
+from prunekit.forward.layerwise import HessianAccumulator
+from prunekit.forward.sources import InMemoryModel
 from prunekit.models import adapter_for, decoder_layers, load_model, prunable_parameters
+from prunekit.storage.hessian_store import HessianStore
 
 
 def test_split_keeps_order_and_sizes():
@@ -53,11 +52,11 @@ def test_sharded_hessians_equal_single_process(model_type, tiny_models, tmp_path
         steps = {"one": None, "inline": lambda fn, *a: fn(*a), "threads": _ThreadStep(pool)}
         for name, step in steps.items():
             store = HessianStore.open_for_writing(tmp_path / f"{name}.zarr", "m", "c", n_layers, "float32")
-            runner = LayerwiseRunner(model, adapter, windows, torch.device("cpu"))
+            source = InMemoryModel(model)
             if step is None:
-                collect_hessians(runner, store, torch.float32)
+                collect_hessians(source, source.runner(windows), store, torch.float32)
             else:
-                collect_hessians_sharded(runner, store, torch.float32, step, shards=3)
+                collect_hessians(source, source.runner(windows), store, torch.float32, step, shards=3)
             stores[name] = HessianStore.open_for_reading(tmp_path / f"{name}.zarr", "m", "c")
     for i in range(n_layers):
         one = stores["one"].read_layer(i)
@@ -85,8 +84,7 @@ class _ThreadStep:
 
 
 def _stage(cwd: Path, name: str, *args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-m", "flows", "stage", name, *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -8,8 +8,8 @@ import torch
 import yaml
 from conftest import tiny_params
 
-from prunekit import packing
 from prunekit.kernels import QuantSpec, gptq, magnitude
+from prunekit.storage import packing
 
 
 def _sparse_quantized(d_out=48, d_in=96, sparsity=0.7, groupsize=None, act_order=False, prunen=0, prunem=0, seed=0):
@@ -84,8 +84,8 @@ def run_stages(tmp_path, model_dir, monkeypatch, structure="unstructured", **ove
     """prepare_model -> calibrate -> prune (uniform schedule, sequential) -> quantize -> export,
     in process and without Prefect; returns the run's Paths."""
     from prunekit.config import Params
-    from prunekit.drivers import call
     from prunekit.models import adapter_for, load_model, prunable_parameters
+    from prunekit.steps import call
     from stages import calibrate, export, prepare_model, prune, quantize
     from stages.common import Paths
 
@@ -156,7 +156,7 @@ def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, mo
 
 def _stored(folder):
     """Every tensor of a saved model folder (shards merged)."""
-    from prunekit.streaming import CheckpointReader
+    from prunekit.storage.checkpoint import CheckpointReader
 
     reader = CheckpointReader(folder)
     return reader.read(list(reader.weight_map))
@@ -165,7 +165,7 @@ def _stored(folder):
 def test_exact_packing_of_a_pipeline_model_gives_equal_logits(tiny_models, tmp_path, monkeypatch):
     """With every non-code tensor kept as stored, the unpacked model is the pipeline's model."""
     paths = run_stages(tmp_path, tiny_models["llama"], monkeypatch)
-    from stages.export import decoder_linears
+    from prunekit.storage.export import decoder_linears
 
     stored = _stored(paths.compressed)
     linears = decoder_linears(stored, "llama")

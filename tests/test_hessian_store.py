@@ -4,7 +4,7 @@ import torch
 import zarr
 
 from prunekit.config import ConfigError
-from prunekit.hessian_store import HessianStore, StoreError
+from prunekit.storage.hessian_store import HessianStore, StoreError
 
 
 def _layer(seed):

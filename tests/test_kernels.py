@@ -16,11 +16,12 @@ from prunekit.kernels import (
     factorize,
     gptq,
     magnitude,
+    native,
     sparsegpt,
     sparsegpt_many,
+    sweep,
     wanda,
 )
-from prunekit.kernels import native, sweep
 from prunekit.kernels.masks import _stable_sort_prefix, smallest
 
 

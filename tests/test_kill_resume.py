@@ -5,9 +5,9 @@ prune never leaves a partial model folder."""
 import os
 
 import pytest
+from conftest import ROOT
 
 from benchmarks.kill_resume import ok, run_trials
-from conftest import ROOT
 
 
 @pytest.mark.slow

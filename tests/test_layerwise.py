@@ -1,11 +1,11 @@
 """Adapters and the layer-by-layer runner on tiny models of every architecture."""
 import pytest
 import torch
+from tiny import CONFIGS
 
 from prunekit.config import ConfigError
-from prunekit.layerwise import LayerwiseRunner
+from prunekit.forward.layerwise import LayerwiseRunner
 from prunekit.models import ADAPTERS, adapter_for, decoder_layers, layer_linears, load_model, resolve_source
-from tiny import CONFIGS
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
@@ -68,3 +68,21 @@ def test_unknown_architecture_and_paths_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="unsupported architecture 'gpt_neox'"):
         adapter_for(Fake())
     assert {"opt", "bloom", "llama", "qwen2", "mistral", "gemma3_text"} <= set(ADAPTERS)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_the_scoring_path_is_the_full_forward(model_type, tiny_models):
+    """Evaluation's per-window NLL (layer by layer, chunked head) equals the HF forward's."""
+    from tiny import full_forward_nll
+
+    from prunekit.forward.scoring import perplexity
+    from prunekit.forward.sources import InMemoryModel
+
+    model = load_model(str(tiny_models[model_type]))
+    if model_type == "gemma3_text":
+        model.config.final_logit_softcapping = 3.0
+    windows = torch.randint(4, 500, (3, 40), generator=torch.Generator().manual_seed(2))
+    result = perplexity(InMemoryModel(model), windows)
+    assert result["nll"] == pytest.approx(full_forward_nll(model, windows), rel=1e-5)
+    per_window = [full_forward_nll(model, windows[w : w + 1]) for w in range(3)]
+    assert result["window_nll"] == pytest.approx(per_window, rel=1e-5)

@@ -6,12 +6,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_params
-from prunekit.config import Params
-from prunekit.models import adapter_for, decoder_layers
 from tiny import CONFIGS
 
+from prunekit.config import Params
+from prunekit.models import adapter_for, decoder_layers
 
 SCHEDULES = {  # llama: the default (search from uniform) in the DVC test
     "opt": {"allocator": "owl"},
@@ -23,8 +22,9 @@ SCHEDULES = {  # llama: the default (search from uniform) in the DVC test
 
 @pytest.mark.parametrize("model_type", sorted(SCHEDULES))
 def test_pipeline_flow(model_type, tiny_models, prefect_api, tmp_path, monkeypatch):
-    from flows.pipeline import pipeline
     from transformers import AutoModelForCausalLM
+
+    from flows.pipeline import pipeline
 
     monkeypatch.chdir(tmp_path)
     raw = tiny_params(tiny_models[model_type], schedule=SCHEDULES[model_type],
@@ -59,22 +59,23 @@ def test_pipeline_flow(model_type, tiny_models, prefect_api, tmp_path, monkeypat
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_prune_and_quantize_every_architecture(model_type, tiny_models):
+    from prunekit.compression.prune import prune_model
+    from prunekit.compression.quantize import quantize_model
     from prunekit.config import PruneParams, QuantizeParams
-    from prunekit.drivers import prune_model, quantize_model
-    from prunekit.layerwise import LayerwiseRunner
+    from prunekit.forward.sources import InMemoryModel
     from prunekit.models import load_model, prunable_parameters
 
     model = load_model(str(tiny_models[model_type]))
     adapter = adapter_for(model)
+    source = InMemoryModel(model)
     windows = torch.randint(4, 500, (4, 48))
     sparsity = {key: 0.6 for key in prunable_parameters(model, adapter)}
-    stats = prune_model(model, adapter, sparsity, PruneParams(sparsity=0.6),
-                        runner=LayerwiseRunner(model, adapter, windows, torch.device("cpu")))
+    stats = prune_model(source, sparsity, PruneParams(sparsity=0.6), runner=source.runner(windows))
     assert set(stats) == set(sparsity)
     assert all(abs(s["sparsity"] - 0.6) < 0.01 for s in stats.values())
     layers = decoder_layers(model, adapter)
     pruned = {(i, n): layers[i].get_submodule(n).weight == 0 for i in range(len(layers)) for n in adapter.linears}
-    quantize_model(model, adapter, LayerwiseRunner(model, adapter, windows, torch.device("cpu")), QuantizeParams(bits=3))
+    quantize_model(source, source.runner(windows), QuantizeParams(bits=3, groupsize=None, act_order=False, mse=False))
     for (i, name), mask in pruned.items():
         w = layers[i].get_submodule(name).weight
         assert (w[mask] == 0).all()  # quantization may round more survivors to 0, never revive one

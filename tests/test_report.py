@@ -1,31 +1,29 @@
 """The report stage on a tiny model: report.md sections, runs.csv across two parameter sets,
-provenance.json, and `python -m prunekit.audit` catching a tampered, a deleted and a new file."""
+provenance.json, and `prunekit audit` catching a tampered, a deleted and a new file."""
 import json
-import os
 import subprocess
 import sys
 
 import pandas as pd
 import yaml
-from conftest import ROOT
 from test_export import run_stages
 
 
 def _evaluate_and_report(params_path):
     from prunekit.config import load_params
-    from prunekit.drivers import call
+    from prunekit.steps import call
     from stages import evaluate, report
+    from stages.common import VARIANTS
 
     params = load_params(params_path)
-    for variant in evaluate.VARIANTS:
+    for variant in VARIANTS:
         evaluate.run(params, call, variant)
     report.run(params, call)
     return params
 
 
 def _audit(cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "prunekit.audit"], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows", "audit"], cwd=cwd, capture_output=True, text=True,
                           check=False)
 
 

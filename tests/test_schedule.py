@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from prunekit.allocation.schedule import allocate, match_budget
 from prunekit.config import ConfigError, ScheduleParams
-from prunekit.schedule import allocate, match_budget
 
 GRID = (0.3, 0.5, 0.7, 0.9)
 

@@ -5,13 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny import CONFIGS, full_forward_nll
 
+from prunekit.allocation.sensitivity import allocate_measured, allocate_ranked, block_sensitivity
 from prunekit.config import ConfigError
-from prunekit.evaluate import perplexity
-from prunekit.layerwise import LayerwiseRunner
+from prunekit.forward.layerwise import LayerwiseRunner
 from prunekit.models import adapter_for, decoder_layers, load_model, prunable_parameters
-from prunekit.sensitivity import allocate_measured, allocate_ranked, block_sensitivity
-from tiny import CONFIGS
 
 CPU = torch.device("cpu")
 
@@ -52,7 +51,7 @@ def test_block_to_end_path_at_sparsity_zero_equals_full_model_nll(model_type, ti
     windows = _windows()
     curves = block_sensitivity(model, adapter, windows, _dense_hessians(model, adapter, windows), (0.0,),
                                chunk_tokens=16)
-    full = perplexity(model, windows)["nll"]
+    full = full_forward_nll(model, windows)
     assert abs(curves.attrs["dense_nll"] - full) < 1e-5
     assert len(curves) == len(decoder_layers(model, adapter))
     assert curves["delta_nll"].abs().max() < 1e-5

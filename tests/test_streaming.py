@@ -1,4 +1,5 @@
-"""Layer streaming (prunekit/streaming.py): bit-identical to the in-memory path, one layer at a time."""
+"""Layer sources (prunekit/forward/sources.py): the streamed one bit-identical to the in-memory one,
+one layer at a time."""
 import json
 import os
 import re
@@ -8,16 +9,19 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_params
-from prunekit.artifacts import state_fingerprint
+from tiny import full_forward_nll
+
+from prunekit.compression.hessians import collect_hessians
+from prunekit.compression.prune import prune_model
 from prunekit.config import ConfigError, Params, PruneParams
-from prunekit.drivers import call, collect_hessians, prune_model
-from prunekit.evaluate import perplexity
-from prunekit.hessian_store import HessianStore
-from prunekit.layerwise import LayerwiseRunner
-from prunekit.models import adapter_for, load_model, load_tokenizer, prunable_parameters, save_model
-from prunekit.streaming import INDEX_FILE, CheckpointReader, LayerStream
+from prunekit.forward.layerwise import LayerwiseRunner
+from prunekit.forward.scoring import perplexity
+from prunekit.forward.sources import InMemoryModel, StreamedModel
+from prunekit.models import adapter_for, load_model, load_tokenizer, prunable_parameters
+from prunekit.steps import call
+from prunekit.storage.checkpoint import INDEX_FILE, CheckpointReader
+from prunekit.storage.hessian_store import HessianStore
 
 CPU = torch.device("cpu")
 
@@ -43,15 +47,14 @@ def no_whole_model():
 @pytest.mark.parametrize("model_type", ["opt", "llama", "gemma3_text"])  # tied head, untied, tied + rotary
 def test_streamed_hessians_equal_in_memory(model_type, tiny_models, tmp_path):
     model_dir = tiny_models[model_type]
-    model = load_model(str(model_dir))
-    adapter = adapter_for(model)
+    memory = InMemoryModel.load(model_dir)
     dense = HessianStore.open_for_writing(tmp_path / "dense.zarr", "m", "c", 3, "float32")
-    collect_hessians(LayerwiseRunner(model, adapter, windows(), CPU), dense, torch.float32)
+    collect_hessians(memory, memory.runner(windows()), dense, torch.float32)
 
-    stream = LayerStream(model_dir, CPU)
+    stream = StreamedModel(model_dir, CPU)
     assert not loaded_params(stream.model)
     streamed = HessianStore.open_for_writing(tmp_path / "streamed.zarr", "m", "c", 3, "float32")
-    collect_hessians(stream.runner(windows()), streamed, torch.float32, stream=stream)
+    collect_hessians(stream, stream.runner(windows()), streamed, torch.float32)
     assert not loaded_params(stream.model)  # everything went back to meta
     for i in range(3):
         a, b = dense.read_layer(i), streamed.read_layer(i)
@@ -61,7 +64,7 @@ def test_streamed_hessians_equal_in_memory(model_type, tiny_models, tmp_path):
 
 
 def test_only_the_current_layer_is_in_memory(tiny_models):
-    stream = LayerStream(tiny_models["llama"], CPU)
+    stream = StreamedModel(tiny_models["llama"], CPU)
     with stream.outside_layers():
         assert loaded_params(stream.model) == {"model.embed_tokens.weight", "model.norm.weight"}
     for i in range(3):
@@ -74,14 +77,14 @@ def test_only_the_current_layer_is_in_memory(tiny_models):
 @pytest.mark.parametrize("model_type", ["opt", "llama", "gemma3_text"])  # tied head, untied, tied + rotary
 def test_streamed_perplexity_equals_in_memory(model_type, tiny_models, tmp_path):
     model_dir = tiny_models[model_type]
-    dense = perplexity(load_model(str(model_dir)), windows(), batch_size=2)
-    stream = LayerStream(model_dir, CPU)
-    streamed = perplexity(stream.model, windows(), stream=stream)
+    dense = perplexity(InMemoryModel.load(model_dir), windows())
+    stream = StreamedModel(model_dir, CPU)
+    streamed = perplexity(stream, windows())
     assert not loaded_params(stream.model)
-    assert perplexity(stream.model, windows(), stream=stream) == streamed  # a stream serves several passes
-    assert streamed["tokens"] == dense["tokens"] == 4 * 31
-    assert streamed["nll"] == pytest.approx(dense["nll"], rel=1e-5)
-    assert streamed["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
+    assert perplexity(stream, windows()) == streamed  # a stream serves several passes
+    assert streamed == dense  # the same tensors through the same code
+    assert streamed["tokens"] == 4 * 31
+    assert streamed["nll"] == pytest.approx(full_forward_nll(load_model(str(model_dir)), windows()), rel=1e-5)
 
 
 @pytest.mark.parametrize("model_type,names", [
@@ -91,7 +94,7 @@ def test_streamed_perplexity_equals_in_memory(model_type, tiny_models, tmp_path)
 ])
 def test_head_loads_the_final_norm_and_the_head_only(model_type, names, tiny_models):
     model = load_model(str(tiny_models[model_type]))
-    stream = LayerStream(tiny_models[model_type], CPU)
+    stream = StreamedModel(tiny_models[model_type], CPU)
     with stream.head() as skeleton:
         assert loaded_params(skeleton) == names
         assert torch.equal(skeleton.lm_head.weight, model.lm_head.weight)
@@ -100,23 +103,18 @@ def test_head_loads_the_final_norm_and_the_head_only(model_type, names, tiny_mod
 
 def prune_both(model_dir, tmp_path, mode: str) -> tuple:
     """The prune stage's two paths on one model: (in-memory folder, streamed folder)."""
-    model = load_model(str(model_dir))
-    adapter = adapter_for(model)
-    sparsity = dict.fromkeys(prunable_parameters(model, adapter), 0.6)
+    memory = InMemoryModel.load(model_dir, out_dir=tmp_path / "memory")
+    sparsity = dict.fromkeys(prunable_parameters(memory.model, memory.adapter), 0.6)
     params = PruneParams(sparsity=0.6, mode=mode)
     store = None
     if mode == "parallel":
         store = HessianStore.open_for_writing(tmp_path / "h.zarr", "m", "c", 3, "float32")
-        collect_hessians(LayerwiseRunner(model, adapter, windows(), CPU), store, torch.float32)
-    runner = LayerwiseRunner(model, adapter, windows(), CPU) if store is None else None
-    stats = prune_model(model, adapter, sparsity, params, runner=runner, store=store)
+        collect_hessians(memory, memory.runner(windows()), store, torch.float32)
     tokenizer = load_tokenizer(str(model_dir))
-    save_model(model, tokenizer, tmp_path / "memory", extra={"fingerprint": state_fingerprint(model), "linears": stats})
-
-    stream = LayerStream(model_dir, CPU, out_dir=tmp_path / "streamed")
-    runner = stream.runner(windows()) if store is None else None
-    stats = prune_model(stream.model, stream.adapter, sparsity, params, runner=runner, store=store, stream=stream)
-    stream.save(tokenizer, {"linears": stats})
+    for source in (memory, StreamedModel(model_dir, CPU, out_dir=tmp_path / "streamed")):
+        runner = source.runner(windows()) if store is None else None
+        stats = prune_model(source, sparsity, params, runner=runner, store=store)
+        source.save(tokenizer, {"linears": stats})
     return tmp_path / "memory", tmp_path / "streamed"
 
 
@@ -146,7 +144,7 @@ def test_stream_reads_a_sharded_checkpoint(tiny_models, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / INDEX_FILE).is_file()
-    stream = LayerStream(tmp_path / "sharded", CPU)
+    stream = StreamedModel(tmp_path / "sharded", CPU)
     runner = stream.runner(windows())
     with stream.layer(0):
         streamed = runner.hessians(0)
@@ -176,7 +174,7 @@ def run_stages(model_dir, root, stream: bool):
             for stage in (prepare_model, calibrate):
                 stage.check(params)
                 stage.run(params, call)
-            skeleton = LayerStream(paths.model, CPU)  # the schedule needs the shapes only
+            skeleton = StreamedModel(paths.model, CPU)  # the schedule needs the shapes only
             sparsity = dict.fromkeys(prunable_parameters(skeleton.model, skeleton.adapter), 0.7)
             write_json(paths.schedule, {"sparsity": sparsity})
             for stage in (hessians, estimate, prune, quantize, export):
@@ -192,7 +190,7 @@ def run_stages(model_dir, root, stream: bool):
 def test_stream_param_in_the_stages(tiny_models, tmp_path):
     import pandas as pd
 
-    from prunekit.packing import MANIFEST, WEIGHTS
+    from prunekit.storage.packing import MANIFEST, WEIGHTS
 
     memory = run_stages(tiny_models["opt"], tmp_path / "memory", stream=False)
     streamed = run_stages(tiny_models["opt"], tmp_path / "streamed", stream=True)
@@ -215,7 +213,7 @@ def test_stream_param_in_the_stages(tiny_models, tmp_path):
             {k: v for k, v in b.items() if k not in ("ppl", "details")}
         assert a["ppl"].keys() == b["ppl"].keys() == {"wikitext2", "c4"}
         for name in a["ppl"]:
-            assert b["details"][name] == pytest.approx(a["details"][name], rel=1e-5), (variant, name)
+            assert b["details"][name] == a["details"][name], (variant, name)  # one code path, same tensors
 
     # The export reads the sharded streamed model and the single-file in-memory one alike.
     for name in (WEIGHTS, MANIFEST, "config.json"):
@@ -306,14 +304,14 @@ def test_stream_refuses_checkpoint_names_it_does_not_know(tiny_models, tmp_path)
     save_file({k.removeprefix("model."): t for k, t in tensors.items()}, source / "model.safetensors",
               metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="checkpoint lacks .*runtime.stream: false"):
-        LayerStream(source, CPU)
+        StreamedModel(source, CPU)
 
 
 def test_tensor_file_writer_round_trips_and_aligns(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from prunekit.streaming import TensorFileWriter
+    from prunekit.storage.checkpoint import TensorFileWriter
 
     tensors = {"mask": torch.arange(7, dtype=torch.uint8), "w": torch.randn(3, 5), "h": torch.randn(9).half(),
                "flag": torch.tensor(True), "empty": torch.zeros(0, 4), "ids": torch.arange(3)}
@@ -337,7 +335,7 @@ def test_tensor_file_writer_round_trips_and_aligns(tmp_path):
 
 
 def test_packed_tensors_read_back_by_name(tmp_path):
-    from prunekit import packing
+    from prunekit.storage import packing
 
     W = torch.randn(8, 16) * (torch.rand(8, 16) > 0.7)
     state = {"lin": W, "emb": torch.randn(4, 3), "lin2": W.T.contiguous()}
@@ -348,7 +346,7 @@ def test_packed_tensors_read_back_by_name(tmp_path):
 
 
 def test_reader_chunks_and_writer_index(tmp_path):
-    from prunekit.streaming import CheckpointReader, ShardWriter
+    from prunekit.storage.checkpoint import CheckpointReader, ShardWriter
 
     a, b = torch.randn(100, 7), torch.randn(3)
     writer = ShardWriter(tmp_path)

@@ -56,3 +56,16 @@ def make_tiny_model(model_type: str, out_dir: Path, tokenizer_dir: Path, seed: i
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def full_forward_nll(model, windows: torch.Tensor) -> float:
+    """The test oracle for the scoring path: mean next-token NLL from the model's own forward
+    (whole model, full-vocabulary logits), one window at a time."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    for row in windows:
+        logits = model(input_ids=row.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+        total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+    return total / (windows.shape[0] * (windows.shape[1] - 1))

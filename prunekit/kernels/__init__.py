@@ -14,7 +14,7 @@ from prunekit.kernels.gptq import gptq
 from prunekit.kernels.hessian import HessianFactor, factorize
 from prunekit.kernels.quant import QuantSpec
 from prunekit.kernels.result import KernelResult
-from prunekit.kernels.scoring import magnitude, wanda
+from prunekit.kernels.score_based import magnitude, wanda
 from prunekit.kernels.sparsegpt import sparsegpt, sparsegpt_many
 
 __all__ = [

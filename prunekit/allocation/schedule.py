@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ScheduleParams
+from ..config import ConfigError, ScheduleParams
 
 
 def match_budget(sparsity: np.ndarray, params: np.ndarray, target: float, lo: float, hi: float) -> np.ndarray:

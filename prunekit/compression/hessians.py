@@ -1,6 +1,7 @@
-"""Work that can leave the process: Hessians as map-reduce over calibration shards.
+"""Dense Hessians of every decoder layer into the store, in one process or as map-reduce over
+calibration shards.
 
-The layer loops stay sequential over decoder layers (layer l+1's inputs are layer l's outputs),
+The layer loop is sequential over decoder layers (layer l+1's inputs are layer l's outputs),
 so what spreads over workers is the work inside one layer: the calibration windows are split
 into shards, each shard's activations run through the layer as one task that returns its
 partial Hessians (with token counts) and its outputs, and the partials are reduced with the
@@ -10,45 +11,52 @@ count-weighted mean (`HessianAccumulator.merge`):
 
 which equals one pass over all windows up to fp rounding. The layer itself is submitted once
 per layer and its future handed to every shard task, so a Dask runner ships its weights to
-each worker once, not once per shard.
-
-No Prefect or Dask here: a `step` may offer `step.submit(fn, *args)` returning a future with
-`.result()` (the flows' Prefect step does; futures passed as arguments are resolved by the
-runner where the task runs); a plain step runs the work at once.
+each worker once, not once per shard. No Prefect or Dask here: see `prunekit.steps`.
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layerwise import HessianAccumulator, LayerwiseRunner
-from .models import Adapter
+from ..forward.layerwise import HessianAccumulator, LayerwiseRunner
+from ..models import Adapter
+from ..steps import Step, call, submit
 
 if TYPE_CHECKING:
-    from .hessian_store import HessianStore
+    from ..forward.sources import LayerSource
+    from ..storage.hessian_store import HessianStore
 
 
-@dataclass(frozen=True)
-class Done:
-    """The future of work already run in place (a step without `submit`)."""
+def collect_hessians(source: LayerSource, runner: LayerwiseRunner, store: HessianStore, dtype: torch.dtype,
+                     step: Step = call, shards: int = 1) -> None:
+    """Dense Hessians of every layer into the store, layer by layer; with shards > 1 each
+    layer's accumulation is mapped over that many calibration shards (on the step's runner).
 
-    value: Any
+    Layers already complete in the store (from an interrupted run) are only run forward to
+    produce the next layer's inputs.
+    """
+    adapter = runner.adapter
+    groups = {adapter.group_key(g): list(g) for g in adapter.groups}
+    desc = "hessians" if shards == 1 else f"hessians ({shards} shards)"
+    for i in tqdm(range(len(runner)), desc=desc, unit="layer"):
+        with source.layer(i):
+            if store.has_layer(i):
+                runner.advance(i)
+            elif shards > 1:
+                store.write_layer(i, sharded_hessians(runner, i, dtype, step, shards, advance=True), groups)
+            else:
+                step(_hessian_layer, runner, store, i, dtype, groups)
 
-    def result(self) -> Any:
-        return self.value
 
-
-def submit(step: Callable, fn: Callable, *args) -> Any:
-    """`step.submit(fn, *args)` when the step can run work elsewhere, else run it now."""
-    if hasattr(step, "submit"):
-        return step.submit(fn, *args)
-    return Done(step(fn, *[a.value if isinstance(a, Done) else a for a in args]))
+def _hessian_layer(runner: LayerwiseRunner, store: HessianStore, i: int, dtype: torch.dtype,
+                   groups: dict[str, list[str]]) -> None:
+    accumulators = runner.hessians(i, dtype, advance=True)
+    store.write_layer(i, {k: (a.H, a.n_tokens) for k, a in accumulators.items()}, groups)
 
 
 def send_layer(layer: nn.Module) -> nn.Module:
@@ -114,18 +122,3 @@ def sharded_hessians(runner: LayerwiseRunner, index: int, dtype: torch.dtype, st
     if advance:
         runner.inputs = [x for _, outputs in results for x in outputs]
     return reduce_hessians([parts for parts, _ in results])
-
-
-def collect_hessians_sharded(runner: LayerwiseRunner, store: HessianStore, dtype: torch.dtype, step: Callable,
-                             shards: int) -> None:
-    """`drivers.collect_hessians` with each layer's accumulation mapped over calibration shards.
-
-    Layers already complete in the store are only run forward to produce the next inputs.
-    """
-    adapter = runner.adapter
-    groups = {adapter.group_key(g): list(g) for g in adapter.groups}
-    for i in tqdm(range(len(runner)), desc=f"hessians ({shards} shards)", unit="layer"):
-        if store.has_layer(i):
-            runner.advance(i)
-            continue
-        store.write_layer(i, sharded_hessians(runner, i, dtype, step, shards, advance=True), groups)

@@ -23,14 +23,14 @@ per-linear schedule; the prune stage then prunes with it as usual (sequentially 
 Example::
 
     >>> db = LevelDatabase.build(model, adapter, hessian_of, levels_around(0.7, 0.05, 0.4, 0.95))
-    >>> result = evolve(model, adapter, db, calib[:8], SearchSpec(generations=100))
+    >>> result = evolve(model, adapter, db, calib[:8], 0.7, SearchParams(generations=100))
     >>> result.sparsity   # {'0.self_attn.q_proj': 0.65, ...}
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -40,12 +40,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernels
-from .config import ConfigError
-from .drivers import Step, call
-from .layerwise import LayerwiseRunner
-from .models import Adapter, decoder_layers
-from .sensitivity import OutputHead
+from .. import kernels
+from ..config import ConfigError, SearchParams
+from ..forward.head import OutputHead
+from ..forward.layerwise import LayerwiseRunner
+from ..forward.scoring import window_scores
+from ..models import Adapter, decoder_layers
+from ..steps import Step, call
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +149,6 @@ def _prune_levels(layer: nn.Module, adapter: Adapter, hessians: dict[str, torch.
     return out
 
 
-@dataclass(frozen=True)
-class SearchSpec:
-    generations: int = 100
-    offspring: int = 16
-    survivors: int = 4
-    max_mutations: int = 3
-    screen_windows: int = 2
-    unit: str = "block"  # block | linear
-    seed: int = 0
-    fitness: str = "nll"  # nll: calibration NLL | kl: KL(dense ‖ pruned) of the next-token distributions
-    tf32: bool = True     # CUDA: score with TF32 matmuls (a ranking needs no more; pruning is unaffected)
-
-
 @dataclass
 class SearchResult:
     sparsity: dict[str, float]            # per linear '<layer>.<linear>'
@@ -172,6 +160,7 @@ class SearchResult:
     seconds: float = 0.0
     spec: dict = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)  # search_schedule: per round its start, end, seconds
+    levels: list[float] = field(default_factory=list)
 
 
 class _Units:
@@ -253,7 +242,7 @@ def _matmul_tf32(enabled: bool):
 
 @torch.no_grad()
 def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows: torch.Tensor, target: float,
-           spec: SearchSpec = SearchSpec(), *, device: torch.device | None = None, chunk_tokens: int = 1024,
+           spec: SearchParams = SearchParams(), *, device: torch.device | None = None, chunk_tokens: int = 1024,
            init: dict[str, float] | None = None) -> SearchResult:
     """Search the level of every unit minimising the fitness (spec.fitness: calibration NLL, or
     KL divergence from the dense model's next-token distributions) at parameter-weighted `target`.
@@ -270,8 +259,6 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
     match = np.flatnonzero(np.isclose(database.levels, target, atol=1e-9))
     if not len(match):
         raise ConfigError(f"target sparsity {target} is not a level of the database {database.levels.tolist()}")
-    if spec.fitness not in ("nll", "kl"):
-        raise ConfigError(f"search fitness must be 'nll' or 'kl', got {spec.fitness!r}")
     runner = LayerwiseRunner(model, adapter, windows, device)
     tokens = windows.to(device)
     head = OutputHead(model, chunk_tokens)
@@ -300,26 +287,19 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
             changed = np.flatnonzero(levels != parent[0])
             start = int(first_layer[changed].min()) if len(changed) else len(runner)
         inputs = parent[1][start][:n] if parent is not None else runner.inputs[:n]
-        acts = [list(layer[:n]) for layer in parent[1][:start]] if record and parent is not None else []
-        acts += [[] for _ in range(len(runner) + 1 - len(acts))] if record else []
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for w, (x, row) in enumerate(zip(inputs, tokens[:n])):
-            for i in range(start, len(runner)):
-                if record:
-                    acts[i].append(x)
-                x = runner._forward(i, x)
-            if record:
-                acts[len(runner)].append(x)
-            total += head.nll_sum(x, row) if reference is None else head.kl_sum(x, reference[w])
-        return float(total) / (n * (tokens.shape[1] - 1)), (acts if record else None)
+        acts = None
+        if record:
+            acts = [list(layer[:n]) for layer in parent[1][:start]] if parent is not None else []
+            acts += [[] for _ in range(len(runner) + 1 - len(acts))]
+        total = window_scores(runner, tokens[:n], head, start=start, inputs=inputs,
+                              reference=None if reference is None else reference[:n], record=acts).sum()
+        return float(total) / (n * (tokens.shape[1] - 1)), acts
 
     n_all = len(windows)
     with _matmul_tf32(spec.tf32 and device.type == "cuda"):
         reference = None
         if spec.fitness == "kl":  # the dense model's last hidden states, the KL's reference
-            reference = list(runner.inputs)
-            for i in range(len(runner)):
-                reference = [runner._forward(i, x) for x in reference]
+            reference = [runner.run(x) for x in runner.inputs]
         try:
             levels = np.full(len(units), int(match[0]))
             uniform, acts = fitness(levels, n_all, record=True)
@@ -355,41 +335,43 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
     log.info("search: calibration %s %.4f (uniform) -> %.4f (searched) in %d evaluations, %.1f s",
              spec.fitness, uniform, best, evaluations, time.time() - start_time)
     return SearchResult(sparsity, unit_sparsity, pd.DataFrame(rows), uniform, best, evaluations,
-                        time.time() - start_time, spec.__dict__.copy())
+                        time.time() - start_time, spec.model_dump(mode="json"), levels=database.levels.tolist())
 
 
-def search_schedule(model: nn.Module, adapter: Adapter, windows: torch.Tensor, target: float, levels: np.ndarray,
-                    spec: SearchSpec, *, fit_windows: int, database: str = "sequential",
-                    init: dict[str, float] | None = None, along_init: bool = True, rounds: Sequence[int] = (),
+def search_schedule(model: nn.Module, adapter: Adapter, windows: torch.Tensor, target: float,
+                    spec: SearchParams = SearchParams(), *, lo: float = 0.0, hi: float = 0.95,
+                    init: dict[str, float] | None = None, along_init: bool = True,
                     hessian_of: Callable[[int], dict[str, torch.Tensor]] | None = None,
                     device: torch.device | None = None, step: Step = call, **build) -> SearchResult:
-    """The whole search: level database, `evolve` on the first `fit_windows` windows, then rounds.
+    """The whole search: level database, `evolve` on the first `spec.fit_windows` windows, then rounds.
 
-    The sequential database follows the prefix pruned by the start schedule `init` (snapped to
-    the levels; with along_init) or else uniformly, so the start is scored as the model that
-    sequential pruning would give. The search moves away from that trajectory, and the
-    database's levels drift from what the found schedule's own prefix gives (on Gemma-3-270M
-    at 70%: 0.02-0.03 nats of calibration NLL per round). Each entry of `rounds` (generations)
-    therefore rebuilds the database along the schedule found so far, which is scored exactly
-    again, and searches on from it (seed + round). `build` goes to the database builder
-    (percdamp, blocksize, store_dtype); `step` wraps each database build and search (the
-    Prefect task of the schedule stage).
+    Levels: target ± k·spec.step within target ± spec.span and [lo, hi]. The sequential
+    database follows the prefix pruned by the start schedule `init` (snapped to the levels;
+    with along_init) or else uniformly, so the start is scored as the model that sequential
+    pruning would give. The search moves away from that trajectory, and the database's levels
+    drift from what the found schedule's own prefix gives (on Gemma-3-270M at 70%: 0.02-0.03
+    nats of calibration NLL per round). Each entry of `spec.rounds` (generations) therefore
+    rebuilds the database along the schedule found so far, which is scored exactly again, and
+    searches on from it (seed + round). `build` goes to the database builder (percdamp,
+    blocksize, store_dtype); `step` wraps each database build and search (the Prefect task of
+    the schedule stage).
     """
-    if rounds and database != "sequential":
+    if spec.rounds and spec.database != "sequential":
         raise ConfigError("search rounds rebuild the sequential database; the dense one does not change")
-    if any(int(g) < 0 for g in rounds):
-        raise ConfigError(f"search rounds are generation counts >= 0, got {list(rounds)}")
+    levels = levels_around(target, spec.step, max(lo, target - spec.span), min(hi, target + spec.span))
+    log.info("search: %d levels %s, %s database, %d further round(s)", len(levels), levels.tolist(),
+             spec.database, len(spec.rounds))
     along = (snap_schedule(init, model, adapter, levels, target, spec.unit)
-             if init is not None and along_init and database == "sequential" else None)
-    fit = windows[:fit_windows]
+             if init is not None and along_init and spec.database == "sequential" else None)
+    fit = windows[:spec.fit_windows]
     results: list[SearchResult] = []
     rounds_log: list[dict] = []
-    for r, generations in enumerate([spec.generations, *rounds]):
+    for r, generations in enumerate([spec.generations, *spec.rounds]):
         t = time.time()
-        db = step(database_for, database, model, adapter, windows, levels, target, hessian_of, device=device,
+        db = step(database_for, spec.database, model, adapter, windows, levels, target, hessian_of, device=device,
                   along=along, **build)
         db_s = time.time() - t
-        round_spec = SearchSpec(**{**spec.__dict__, "generations": int(generations), "seed": spec.seed + r})
+        round_spec = spec.model_copy(update={"generations": int(generations), "seed": spec.seed + r})
         result = step(evolve, model, adapter, db, fit, target, round_spec, device=device,
                       init=results[-1].sparsity if results else init)
         rounds_log.append({"generations": int(generations), "start": float(result.history["fitness"].iloc[0]),
@@ -403,4 +385,5 @@ def search_schedule(model: nn.Module, adapter: Adapter, windows: torch.Tensor, t
     return SearchResult(last.sparsity, last.unit_sparsity,
                         pd.concat([x.history.assign(round=r) for r, x in enumerate(results)], ignore_index=True),
                         first.uniform_fitness, last.fitness, sum(x.evaluations for x in results),
-                        sum(x["search_s"] + x["database_s"] for x in rounds_log), spec.__dict__.copy(), rounds_log)
+                        sum(x["search_s"] + x["database_s"] for x in rounds_log), spec.model_dump(mode="json"),
+                        rounds_log, levels.tolist())

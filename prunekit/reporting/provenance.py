@@ -1,5 +1,5 @@
 """Provenance of a run: what produced the artifacts (code, parameters, packages, hardware) and a
-sha256 of every artifact file, so that `python -m prunekit.audit` can tell later what changed.
+sha256 of every artifact file, so that `prunekit audit` can tell later what changed.
 
 Example::
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from .. import kernels
 
 
 def obs_costs(W: torch.Tensor, factor: "kernels.HessianFactor") -> torch.Tensor:

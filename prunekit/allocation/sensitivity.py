@@ -29,65 +29,20 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernels
-from .config import ConfigError
-from .layerwise import LayerwiseRunner
-from .models import Adapter, adapter_for
+from .. import kernels
+from ..config import ConfigError
+from ..forward.head import OutputHead
+from ..forward.layerwise import LayerwiseRunner
+from ..forward.scoring import window_scores
+from ..models import Adapter
 from .schedule import match_budget
 
 log = logging.getLogger(__name__)
 
 UNITS = ("block", "half")
-
-
-class OutputHead:
-    """Final norm(s) + LM head (+ logit soft-capping): summed NLL of next tokens from hidden states."""
-
-    def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
-        self.norms: list[nn.Module] = []
-        for path in adapter_for(model).final:
-            module = model
-            for part in path.split("."):
-                module = getattr(module, part, None)
-            if module is not None:
-                self.norms.append(module)
-        self.lm_head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.chunk_tokens = chunk_tokens
-
-    def _logits(self, hidden: torch.Tensor):
-        """fp32 logits of positions 0..seqlen−2 of one window (hidden (1, seqlen, d)), in chunks."""
-        h = hidden[0, :-1]
-        for module in self.norms:
-            h = module(h)
-        for start in range(0, h.shape[0], self.chunk_tokens):
-            logits = self.lm_head(h[start : start + self.chunk_tokens]).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            yield start, logits
-
-    @torch.no_grad()
-    def nll_sum(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Σ_t −log p(tokens[t+1] | position t) over one window; hidden (1, seqlen, d), tokens (seqlen,)."""
-        targets = tokens[1:]
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for start, logits in self._logits(hidden):
-            total += F.cross_entropy(logits, targets[start : start + self.chunk_tokens], reduction="sum").double()
-        return total
-
-    @torch.no_grad()
-    def kl_sum(self, hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Σ_t KL(p_reference(· | t) ‖ p(· | t)) over the same positions as `nll_sum`, where
-        `reference` is another model's (e.g. the dense one's) last hidden states for the window."""
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for (start, logits), (_, ref) in zip(self._logits(hidden), self._logits(reference)):
-            total += F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
-                              reduction="sum").double()
-        return total
 
 
 def pruning_units(adapter: Adapter, n_layers: int, unit: str = "block") -> list[tuple[str, int, tuple[tuple[str, ...], ...]]]:
@@ -110,12 +65,7 @@ def pruning_units(adapter: Adapter, n_layers: int, unit: str = "block") -> list[
 
 def _nll_from(runner: LayerwiseRunner, start: int, tokens: torch.Tensor, head: OutputHead) -> float:
     """Mean next-token NLL of the windows when blocks start..L−1 run on runner.inputs."""
-    total = torch.zeros((), dtype=torch.float64, device=tokens.device)
-    for x, row in zip(runner.inputs, tokens):
-        for i in range(start, len(runner)):
-            x = runner._forward(i, x)
-        total += head.nll_sum(x, row)
-    return float(total) / (tokens.shape[0] * (tokens.shape[1] - 1))
+    return float(window_scores(runner, tokens, head, start=start).sum()) / (tokens.shape[0] * (tokens.shape[1] - 1))
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import zarr
 
-from .config import ConfigError
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .streaming import TensorFileWriter
+from .checkpoint import TensorFileWriter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ FORMAT = "prunekit-packed"
 VERSION = 1
 WEIGHTS = "model.packed.safetensors"
 MANIFEST = "manifest.json"
+QPARAMS = "qparams.safetensors"  # GPTQ grid of every decoder linear, saved next to a quantized model
 Grid = tuple[Tensor, Tensor]
 
 

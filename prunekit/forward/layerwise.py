@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import Adapter, decoder_layers
+from ..models import Adapter, decoder_layers
 
 
 class HessianAccumulator:
@@ -92,9 +92,17 @@ class LayerwiseRunner:
         return len(self.layers)
 
     @torch.no_grad()
-    def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer `index` applied to one window's hidden states x (1, seqlen, hidden)."""
         out = self.layers[index](x, **self.layer_kwargs[index])
         return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """x through decoder layers start..stop−1 (default: to the last)."""
+        for i in range(start, len(self) if stop is None else stop):
+            x = self.forward(i, x)
+        return x
 
     @contextmanager
     def _hessian_hooks(self, index: int, dtype: torch.dtype) -> Iterator[dict[str, HessianAccumulator]]:
@@ -120,7 +128,7 @@ class LayerwiseRunner:
         when the layer will not be modified afterwards, as for dense Hessians).
         """
         with self._hessian_hooks(index, dtype) as accumulators:
-            outputs = [self._forward(index, x) for x in self.inputs]
+            outputs = [self.forward(index, x) for x in self.inputs]
         if advance:
             self.inputs = outputs
         return accumulators
@@ -129,4 +137,4 @@ class LayerwiseRunner:
     def advance(self, index: int) -> None:
         """Replace the activations by layer `index`'s outputs (after it was modified)."""
         for k, x in enumerate(self.inputs):  # in place: one window's activations more, not all of them
-            self.inputs[k] = self._forward(index, x)
+            self.inputs[k] = self.forward(index, x)

@@ -1,0 +1,152 @@
+"""The `prunekit` command: the pipeline, one stage, the audit, and tools for model folders.
+
+    prunekit run [DVC_ARGS...]      dvc repro with one loopback Prefect server for all stages
+    prunekit flow                   every stage as one Prefect flow (no DVC cache)
+    prunekit stage NAME [VARIANT]   one stage of dvc.yaml (what `dvc repro` runs)
+    prunekit audit [RECORD]         re-hash the artifacts a provenance record lists
+    prunekit evaluate MODEL --text FILE   perplexity of a saved HF model folder on a text file
+    prunekit unpack PACKED OUT      the packed export -> an HF model folder
+
+Bad input ends with one line `error: ...` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from prunekit.config import ConfigError, load_params
+from prunekit.storage.hessian_store import StoreError
+from stages import STAGES
+
+from .server import offline_env
+
+
+def setup_environment() -> None:
+    """Quiet, offline defaults (Prefect state inside the project, no telemetry) and logging."""
+    os.environ.update(offline_env())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import server
+
+    return server.main(["dvc", "repro", *args.dvc_args])
+
+
+def _flow(args: argparse.Namespace) -> int:
+    from .pipeline import pipeline, stage_module
+
+    params = load_params(args.params)
+    for name in STAGES:
+        stage_module(name).check(params)
+    pipeline(params)
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    """Read params.yaml, check it and the stage's inputs, then run the stage as a Prefect flow."""
+    from stages.common import Paths, require
+
+    from .pipeline import run_stage, stage_module
+
+    params = load_params(args.params)
+    stage = stage_module(args.name)
+    variants = getattr(stage, "VARIANTS", None)
+    if variants is None and args.variant is not None:
+        raise ConfigError(f"stage {args.name} takes no variant, got {args.variant!r}")
+    if variants is not None and args.variant not in variants:
+        raise ConfigError(f"stage {args.name} needs one of {', '.join(variants)}, got {args.variant!r}")
+    extra = () if args.variant is None else (args.variant,)
+    stage.check(params)
+    require(*stage.needs(Paths.of(params), *extra))
+    run_stage(args.name, stage.run, params, *extra)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from prunekit.reporting.provenance import audit, read
+
+    try:
+        record = read(args.record)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {args.record}: {exc}") from None
+    problems = audit(record, args.root)
+    n_files = sum(len(a["files"]) for a in record["artifacts"].values())
+    for line in problems:
+        print(line)
+    commit = record.get("git", {}).get("commit")
+    print(f"{len(problems)} difference(s) in {n_files} files of {len(record['artifacts'])} artifacts "
+          f"(record of {record.get('created')}, commit {commit or 'unknown'})")
+    return 1 if problems else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from prunekit.api import load, perplexity
+
+    if not args.text.is_file():
+        raise ConfigError(f"text file not found: {args.text}")
+    model, tokenizer = load(str(args.model), device=args.device)
+    result = perplexity(model, tokenizer, str(args.text), seqlen=args.seqlen, max_windows=args.max_windows)
+    print(f"{args.model} on {args.text}: ppl {result['ppl']:.3f} over {result['tokens']} tokens "
+          f"({result['windows']} windows of {args.seqlen})")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    from prunekit.storage.packing import unpack_to_folder
+
+    print(unpack_to_folder(args.packed, args.out))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0],
+                                epilog="Bad input ends with one line `error: ...` and exit status 2.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="the DVC pipeline (dvc repro) with one loopback Prefect server")
+    run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (e.g. -f report)")
+    run.set_defaults(fn=_run)
+    for name, fn, text in (("flow", _flow, "every stage as one Prefect flow, no DVC cache"),
+                           ("stage", _stage, "one stage of dvc.yaml, as a Prefect flow")):
+        s = sub.add_parser(name, help=text)
+        if name == "stage":
+            s.add_argument("name", choices=STAGES)
+            s.add_argument("variant", nargs="?", help="evaluate only: dense, pruned or compressed")
+        s.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default params.yaml)")
+        s.set_defaults(fn=fn)
+    audit = sub.add_parser("audit", help="re-hash the artifacts of a provenance record")
+    audit.add_argument("record", nargs="?", default=Path("reports/provenance.json"), type=Path)
+    audit.add_argument("--root", default=Path.cwd(), type=Path, help="project root the record's paths are under")
+    audit.set_defaults(fn=_audit)
+    ev = sub.add_parser("evaluate", help="perplexity of a saved model folder on a plain text file")
+    ev.add_argument("model", type=Path, help="HF model folder (e.g. data/pruned/gemma3-270m) or .gguf file")
+    ev.add_argument("--text", type=Path, required=True, help="plain text file, one sentence a line")
+    ev.add_argument("--seqlen", type=int, default=256)
+    ev.add_argument("--max-windows", type=int, default=None, help="default: every window")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(fn=_evaluate)
+    un = sub.add_parser("unpack", help="the packed export -> an HF model folder that from_pretrained loads")
+    un.add_argument("packed", type=Path)
+    un.add_argument("out", type=Path)
+    un.set_defaults(fn=_unpack)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_environment()
+    try:
+        return args.fn(args)
+    except (ConfigError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

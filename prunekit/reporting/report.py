@@ -1,0 +1,158 @@
+"""The run's report: reports/metrics.json, reports/report.md, reports/runs.csv (one row per
+parameter set) and reports/provenance.json, from the per-model metrics, the schedule, the
+pruned model's stats and the export summary."""
+from __future__ import annotations
+
+import logging
+import platform
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from ..artifacts import fingerprint, write_atomic, write_json
+from ..config import Params
+from . import plots, provenance
+
+log = logging.getLogger(__name__)
+
+
+def write_report(params: Params, per_model: dict[str, dict], pruned: dict, schedule: dict, exported: dict | None,
+                 reports: Path, artifacts: dict[str, Path], store_attrs: dict | None) -> None:
+    """Every output of the report stage under `reports` (see the module docstring).
+
+    per_model: {variant: its metrics file} (a variant without "ppl" was skipped); artifacts:
+    {label: path} of everything provenance.json hashes.
+    """
+    evaluated = {v: m for v, m in per_model.items() if "ppl" in m}
+    metrics = {v: m["ppl"] for v, m in evaluated.items()}
+    metrics["sparsity"] = {"target": schedule["target"], "achieved": pruned["overall_sparsity"]}
+    if exported:
+        metrics["export"] = exported["ratios_vs_fp16"]
+    write_json(reports / "metrics.json", metrics)
+    runs = _record_run(params, evaluated, pruned, exported, reports / "runs.csv")
+    same = runs[(runs["model"] == params.model.name) & (runs["protocol"] == _protocol_key(params))]
+    plots.ppl_vs_sparsity(same, list(params.evaluate.datasets), reports / "plots" / "ppl_vs_sparsity.png")
+    write_atomic(reports / "report.md", _markdown(params, evaluated, pruned, schedule, exported, same))
+    record = provenance.build(reports.parent, artifacts, params.model_dump(mode="json"),
+                              {"hessian_store_attrs": store_attrs})
+    write_json(reports / "provenance.json", record)
+    log.info("reports/provenance.json: %d files hashed; check later with `prunekit audit`",
+             sum(len(a["files"]) for a in record["artifacts"].values()))
+
+
+def _protocol_key(params: Params) -> str:
+    e = params.evaluate
+    return f"seqlen={e.seqlen} max_windows={e.max_windows} datasets={'+'.join(e.datasets)}"
+
+
+def _record_run(params: Params, evaluated: dict, pruned: dict, exported: dict | None, path) -> pd.DataFrame:
+    """Add (or replace) this parameter set's row in reports/runs.csv; return every row."""
+    config = params.model_dump(mode="json")
+    config.pop("runtime")
+    row = {
+        "params_fingerprint": fingerprint(config),
+        "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": params.model.name, "protocol": _protocol_key(params),
+        "method": params.prune.method, "allocator": params.schedule.allocator, "structure": params.prune.structure,
+        "mode": params.prune.mode, "target_sparsity": params.prune.sparsity,
+        "achieved_sparsity": pruned["overall_sparsity"],
+        "bits": params.quantize.bits if params.quantize.enabled else None,
+        "groupsize": params.quantize.groupsize if params.quantize.enabled else None,
+        "packed_linears_vs_fp16": exported["ratios_vs_fp16"]["linears"] if exported else None,
+    }
+    for variant, m in evaluated.items():
+        row.update({f"ppl_{variant}_{ds}": v for ds, v in m["ppl"].items()})
+    runs = pd.read_csv(path, dtype={"params_fingerprint": str}) if path.is_file() else pd.DataFrame()
+    if len(runs):
+        runs = runs[runs["params_fingerprint"] != row["params_fingerprint"]]
+    runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True) if len(runs) else pd.DataFrame([row])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, runs.to_csv(index=False))
+    log.info("reports/runs.csv: %d run(s) recorded", len(runs))
+    return runs
+
+
+def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exported: dict | None = None,
+              runs: pd.DataFrame | None = None) -> str:
+    datasets = list(params.evaluate.datasets)
+    protocol = next(iter(evaluated.values()))["protocol"]
+    quant = params.quantize
+    labels = {
+        "dense": "dense",
+        "pruned": f"{params.prune.method} {params.schedule.allocator} {params.prune.sparsity:.0%}"
+                  f" ({params.prune.structure}, {params.prune.mode})",
+        "compressed": f"same + GPTQ {quant.bits}-bit" + (f" g{quant.groupsize}" if quant.groupsize else ""),
+    }
+    lines = [
+        f"# Compression report: {params.model.name}",
+        "",
+        f"Model source `{params.model.source}`; calibration {params.calibration.nsamples} x "
+        f"{params.calibration.seqlen} tokens from `{params.calibration.source}` (seed {params.calibration.seed}); "
+        f"torch {torch.__version__} on {platform.machine()}.",
+        "",
+        f"Protocol: {protocol}.",
+        "",
+        "| model | " + " | ".join(datasets) + " |",
+        "|---|" + "---:|" * len(datasets),
+    ]
+    for v, m in evaluated.items():
+        lines.append(f"| {labels[v]} | " + " | ".join(f"{m['ppl'][d]:.2f}" for d in datasets) + " |")
+    lines += [
+        "",
+        f"Overall sparsity of the decoder linears: {pruned['overall_sparsity']:.4f} "
+        f"(target {schedule['target']}, schedule mean {schedule['achieved']:.6f}).",
+        "",
+        "## Sparsity per block",
+        "",
+        "| block | sparsity | cluster | OBS loss |",
+        "|---:|---:|---:|---:|",
+    ]
+    blocks: dict[int, list] = defaultdict(list)
+    for key, s in pruned["linears"].items():
+        blocks[int(key.split(".")[0])].append((key, s))
+    for b in sorted(blocks):
+        entries = blocks[b]
+        mean = sum(s["sparsity"] * s["params"] for _, s in entries) / sum(s["params"] for _, s in entries)
+        lines.append(f"| {b} | {mean:.3f} | {schedule['cluster'][entries[0][0]]} | "
+                     f"{sum(s['loss'] for _, s in entries):.4g} |")
+    lines += ["", "(block sparsity is parameter-weighted over its linears; reports/schedule.csv has every linear.)", "",
+              "![sparsity per block](plots/schedule.png)", "", "![estimated loss](plots/estimated_loss.png)", ""]
+    if exported:
+        b, r = exported["bytes"], exported["ratios_vs_fp16"]
+        lines += [
+            "## Export", "",
+            f"HF form: `{exported['hf_dir']}/` (safetensors, fp32, pruned weights stored as zeros). Packed form: "
+            f"`{exported['packed_dir']}/` (bitmask of nonzeros + {exported['format']['values']}; other tensors "
+            f"fp16; `prunekit.packing.load_packed` reads it back). Measured sizes:", "",
+            "| | bytes | vs fp16 |", "|---|---:|---:|",
+            f"| decoder linears, packed | {b['packed_linears']:,} | {r['linears']:.3f} |",
+            f"| whole packed file | {b['packed_file']:,} | {r['model_file']:.3f} |",
+            f"| stored HF model (fp32) | {b['stored_files']:,} | {b['stored_files'] / b['fp16_tensors']:.3f} |", "",
+        ]
+    if runs is not None and len(runs):
+        datasets = list(params.evaluate.datasets)
+        lines += [
+            "## Runs under this protocol", "",
+            f"{len(runs)} parameter set(s) recorded in reports/runs.csv (one row per parameter fingerprint).", "",
+            "| params | method | allocator | structure | sparsity | bits | " + " | ".join(datasets) + " |",
+            "|---|---|---|---|---:|---:|" + "---:|" * len(datasets),
+        ]
+        for _, r in runs.sort_values("achieved_sparsity").iterrows():
+            ppl = [r.get(f"ppl_compressed_{d}") if pd.notna(r.get(f"ppl_compressed_{d}")) else r.get(f"ppl_pruned_{d}")
+                   for d in datasets]
+            bits = "" if pd.isna(r["bits"]) else f"{int(r['bits'])}"
+            lines.append(f"| `{r['params_fingerprint']}` | {r['method']} | {r['allocator']} | {r['structure']} | "
+                         f"{r['achieved_sparsity']:.3f} | {bits} | " + " | ".join(f"{v:.2f}" for v in ppl) + " |")
+        lines += ["", "(perplexity of the final model: quantized when bits is set, else pruned.)", "",
+                  "![perplexity against sparsity](plots/ppl_vs_sparsity.png)", ""]
+    lines += [
+        "## Configuration", "",
+        "```yaml", yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "",
+        "Provenance (git commit, parameters, package versions, hardware, sha256 of every artifact) is in "
+        "`reports/provenance.json`; `prunekit audit` re-hashes the artifacts and lists what changed.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Export of a final model: the packed form (`packing`) written from its safetensors files,
+read back and checked, with its sizes, export.json and a README.
+
+The final model is a pruned (and possibly quantized) HF folder. Its packed form holds, per
+decoder linear, a bitmask of the nonzeros and their GPTQ codes (or fp16 values when not
+quantized), every other tensor fp16, plus manifest.json and config.json; `load_packed` /
+`unpack_to_folder` read it back. Packing and the check read the model one decoder layer at a
+time (and every other tensor on its own) and write the packed file as they go: memory holds
+about one layer, never the model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import read_json, replace_dir, sha256_file, write_atomic, write_json
+from ..config import ConfigError
+from ..models import ADAPTERS, Adapter
+from .checkpoint import CheckpointReader
+from .packing import MANIFEST, QPARAMS, WEIGHTS, PackedWriter, PackingError, load_grids, load_packed, pack_state
+
+log = logging.getLogger(__name__)
+
+
+def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root: Path) -> dict:
+    """Pack the model folder `source` (quantized with the `quant` params, or only pruned)
+    into out/packed/, with out/export.json and out/README.md; the folder appears whole or not
+    at all. Paths in the summary are relative to `root`. Returns the summary."""
+    if quant is not None and not (source / QPARAMS).is_file():
+        raise ConfigError(f"{source} has no {QPARAMS} (quantized before the stage saved its grids): "
+                          "rerun `dvc repro -f quantize`")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = _pack(source, tmp / "packed", quant)
+    hf_dir = str(source.relative_to(root))
+    summary = {"model": name, "source": hf_dir, "quantized": quant is not None, "hf_dir": hf_dir,
+               "hf_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
+               "packed_dir": str((out / "packed").relative_to(root)), **summary}
+    write_json(tmp / "export.json", summary)
+    write_atomic(tmp / "README.md", _readme(summary))
+    replace_dir(tmp, out)
+    r = summary["ratios_vs_fp16"]
+    log.info("packed export: decoder linears %.3fx fp16, whole model file %.3fx fp16", r["linears"], r["model_file"])
+    return summary
+
+
+def _adapter(model_type: str) -> Adapter:
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        raise ConfigError(f"cannot export architecture {model_type!r}")
+    return adapter
+
+
+def decoder_linears(names: Iterable[str], model_type: str) -> list[str]:
+    """Names of the decoder linears' weights among a saved state's tensor names (from the adapter table)."""
+    adapter = _adapter(model_type)
+    pattern = re.compile(rf"{re.escape(adapter.layers)}\.\d+\.({'|'.join(map(re.escape, adapter.linears))})\.weight")
+    linears = [n for n in names if pattern.fullmatch(n)]
+    if not linears:
+        raise ConfigError(f"no decoder linears found in the saved model ({model_type})")
+    return linears
+
+
+def read_batches(names: Iterable[str], model_type: str) -> list[list[str]]:
+    """The saved tensors in the groups that are read together: every decoder layer's tensors,
+    in layer order, then each other tensor alone (the embedding may be the largest of all).
+    Sorted by name within a group, so the packed file does not depend on the sharding."""
+    layer = re.compile(rf"{re.escape(_adapter(model_type).layers)}\.(\d+)\.")
+    layers: dict[int, list[str]] = {}
+    rest = []
+    for name in sorted(names):
+        match = layer.match(name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(name)
+        else:
+            rest.append([name])
+    return [layers[i] for i in sorted(layers)] + rest
+
+
+def _pack(source: Path, out: Path, quant: dict | None) -> dict:
+    """Pack the model in `source` into `out`, read it back, and measure sizes; one batch of
+    tensors (`read_batches`) in memory at a time."""
+    config = read_json(source / "config.json")
+    reader = CheckpointReader(source)
+    linears = set(decoder_linears(reader.weight_map, config["model_type"]))
+    batches = read_batches(reader.weight_map, config["model_type"])
+    grids = load_grids(source / QPARAMS) if quant is not None else None
+    bits, groupsize = (quant["bits"], quant["groupsize"]) if quant is not None else (4, None)
+    log.info("packing %d decoder linears (%s) and %d other tensors", len(linears),
+             f"{bits}-bit codes" if quant else "fp16 values", len(reader.weight_map) - len(linears))
+    writer = PackedWriter(out)
+    for batch in tqdm(batches, desc="pack", unit="part"):
+        writer.add(*pack_state(reader.read(batch), [n for n in batch if n in linears], grids, bits=bits,
+                                       groupsize=groupsize))
+    extra = [source / n for n in ("config.json", "generation_config.json") if (source / n).is_file()]
+    weights = writer.close(extra_files=extra)
+
+    for batch in tqdm(batches, desc="check packed", unit="part"):
+        restored = load_packed(out, batch)
+        for name, t in reader.read(batch).items():
+            expected = t if (quant is not None and name in linears) or not t.is_floating_point() \
+                else t.to(torch.float16).to(t.dtype)
+            if not torch.equal(restored[name], expected):
+                raise PackingError(f"{name} does not read back from the packed file as written")
+
+    sizes = writer.sizes()
+    nnz = sum(writer.entries[n]["nnz"] for n in linears)
+    numel = sum(math.prod(writer.entries[n]["shape"]) for n in linears)
+    stored = sum(f.stat().st_size for f in source.glob("model*.safetensors"))
+    fp16_file = sizes["tensors"]["fp16_bytes"]
+    return {
+        "format": {"weights": WEIGHTS, "manifest": MANIFEST, "linears": len(linears),
+                   "values": f"int{bits} codes, per-{'group ' + str(groupsize) if groupsize else 'channel'} grid"
+                   if quant else "fp16", "other_tensors": "fp16"},
+        "linear_density": nnz / numel,
+        "bytes": {"packed_file": weights.stat().st_size, "stored_files": stored, "fp16_tensors": fp16_file,
+                  "packed_linears": sizes["linears"]["packed_bytes"], "fp16_linears": sizes["linears"]["fp16_bytes"]},
+        "ratios_vs_fp16": {"linears": sizes["linears"]["ratio_vs_fp16"],
+                           "model_file": weights.stat().st_size / fp16_file},
+    }
+
+
+def _readme(s: dict) -> str:
+    b, r = s["bytes"], s["ratios_vs_fp16"]
+    return f"""# Export of {s['model']}
+
+Made by the `export` stage from `{s['source']}` ({'pruned + quantized' if s['quantized'] else 'pruned'}).
+
+- HF form: `{s['hf_dir']}/`, the model as evaluated (fp32 safetensors, pruned weights stored as
+  zeros, config, tokenizer): `AutoModelForCausalLM.from_pretrained("{s['hf_dir']}")`. Not copied
+  here; `export.json` records the sha256 of its weight files.
+- `packed/`: {s['format']['linears']} decoder linears as a bitmask of nonzeros + {s['format']['values']};
+  every other tensor fp16. `manifest.json` says how each tensor is stored. Read it back with
+  `prunekit.storage.packing.load_packed("packed")` (a state dict) or
+  `prunekit unpack packed unpacked` (an HF folder; the tokenizer is in the HF form).
+  {'Quantized linears read back bit-identical to the fp32 weights of the HF form.' if s['quantized'] else
+   'Linear values are fp16-rounded copies of the fp32 weights of the HF form.'}
+
+| | bytes | vs fp16 |
+|---|---:|---:|
+| decoder linears, packed | {b['packed_linears']:,} | {r['linears']:.3f} |
+| whole packed file | {b['packed_file']:,} | {r['model_file']:.3f} |
+| stored model (fp32 safetensors) | {b['stored_files']:,} | {b['stored_files'] / b['fp16_tensors']:.3f} |
+
+Density of the decoder linears: {s['linear_density']:.4f} (fp16 = 2 bytes per weight).
+"""
