@@ -3,7 +3,7 @@
     prunekit run [DVC_ARGS...]      dvc repro with one loopback Prefect server for all stages
     prunekit flow                   every stage as one Prefect flow (no DVC cache)
     prunekit stage NAME [VARIANT]   one stage of dvc.yaml (what `dvc repro` runs)
-    prunekit audit [RECORD]         re-hash the artifacts a provenance record lists
+    prunekit audit [RECORD]         judge the artifacts against a provenance record
     prunekit evaluate MODEL --text FILE   perplexity of a saved HF model folder on a text file
     prunekit unpack PACKED OUT      the packed export -> an HF model folder
 
@@ -70,20 +70,24 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from prunekit.reporting.provenance import audit, read
+    from prunekit.reporting.audit import EXIT, audit, summary
+    from prunekit.reporting.provenance import read
 
     try:
         record = read(args.record)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {args.record}: {exc}") from None
-    problems = audit(record, args.root)
-    n_files = sum(len(a["files"]) for a in record["artifacts"].values())
-    for line in problems:
-        print(line)
-    commit = record.get("git", {}).get("commit")
-    print(f"{len(problems)} difference(s) in {n_files} files of {len(record['artifacts'])} artifacts "
-          f"(record of {record.get('created')}, commit {commit or 'unknown'})")
-    return 1 if problems else 0
+    if args.against is not None and not args.against.is_dir():
+        raise ConfigError(f"--against {args.against} is not a folder")
+    verdicts = audit(record, args.root, args.against)
+    for v in verdicts:
+        if v.status != "identical" or args.verbose:
+            print(v.line())
+    overall, line = summary(verdicts)
+    hw = record.get("hardware", {})
+    print(f"{line}; record of {record.get('created')} on {hw.get('cpu', hw.get('processor', 'an unnamed machine'))}, "
+          f"commit {(record.get('git') or {}).get('commit') or 'unknown'}")
+    return EXIT[overall]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -120,9 +124,13 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("variant", nargs="?", help="evaluate only: dense, pruned or compressed")
         s.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default params.yaml)")
         s.set_defaults(fn=fn)
-    audit = sub.add_parser("audit", help="re-hash the artifacts of a provenance record")
+    audit = sub.add_parser("audit", help="judge a run against a provenance record (exit 0 identical, 1 within "
+                                         "tolerance, 3 different, 4 unverified)")
     audit.add_argument("record", nargs="?", default=Path("reports/provenance.json"), type=Path)
     audit.add_argument("--root", default=Path.cwd(), type=Path, help="project root the record's paths are under")
+    audit.add_argument("--against", type=Path, default=None,
+                       help="a folder with the recorded run's files (another clone, a dvc pull) to compare numbers")
+    audit.add_argument("-v", "--verbose", action="store_true", help="list identical artifacts too")
     audit.set_defaults(fn=_audit)
     ev = sub.add_parser("evaluate", help="perplexity of a saved model folder on a plain text file")
     ev.add_argument("model", type=Path, help="HF model folder (e.g. data/pruned/gemma3-270m) or .gguf file")

@@ -21,17 +21,24 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, tags, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
 from prefect.states import Failed, State
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from prunekit.artifacts import fingerprint, read_json
 from prunekit.config import ConfigError, Params, RuntimeParams
+from prunekit.reporting.provenance import git_state
 from prunekit.storage.hessian_store import StoreError
 from stages import STAGES
-from stages.common import Paths, require
+from stages.common import VARIANTS, Paths, require
 
 
 def _refusing(fn: Callable) -> Callable:
@@ -91,6 +98,53 @@ def task_runner(runtime: RuntimeParams) -> TaskRunner:
                                           "dashboard_address": None, "silence_logs": logging.ERROR})
 
 
+@contextmanager
+def logs_to_prefect() -> Iterator[None]:
+    """The library's and the stages' log records also go to the Prefect API while a stage's
+    flow runs (attached to its flow or task run), besides the console."""
+    handler = APILogHandler()
+    loggers = [logging.getLogger(name) for name in ("prunekit", "stages")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def run_labels(params: Params) -> dict[str, str]:
+    """Tags of every flow run: the commit, the parameters' fingerprint (`runtime` aside) and,
+    under `dvc exp run`, the experiment's name — so the flow runs of experiment X are found by
+    its tag, and a flow run names what made it."""
+    config = params.model_dump(mode="json")
+    config.pop("runtime")
+    commit = git_state(Path.cwd()).get("commit")
+    labels = {"params": f"params:{fingerprint(config)}", "commit": f"commit:{(commit or 'none')[:12]}"}
+    if os.environ.get("DVC_EXP_NAME"):
+        labels["experiment"] = f"exp:{os.environ['DVC_EXP_NAME']}"
+    return labels
+
+
+def publish_artifacts(name: str, params: Params, *args: str) -> None:
+    """What a stage measured, as Prefect artifacts of its flow run: the perplexities of an
+    evaluation (a table), and the report (markdown) with the summary metrics (a table)."""
+    reports = Paths.of(params).reports
+    if name == "evaluate":
+        metrics = read_json(reports / "metrics" / f"{args[0]}.json")
+        if "ppl" in metrics:
+            create_table_artifact(key=f"ppl-{args[0]}", description=metrics["protocol"], table=[
+                {"text": text, "ppl": ppl, "ci95_lo": metrics["ppl_ci95"][text][0], "ci95_hi": metrics["ppl_ci95"][text][1]}
+                for text, ppl in metrics["ppl"].items()])
+    elif name == "report":
+        create_markdown_artifact(key="report", markdown=(reports / "report.md").read_text(),
+                                 description=f"report of {params.model.name}")
+        summary = read_json(reports / "metrics.json")
+        create_table_artifact(key="metrics", table=[
+            {"model": variant, "text": text, "ppl": ppl} for variant, values in summary.items()
+            if variant in VARIANTS for text, ppl in values.items()])
+
+
 def run_stage(name: str, run: Callable[..., None], params: Params, *args: str) -> None:
     """Run one stage's `run(params, step, *args)` as a Prefect flow named after the stage.
 
@@ -99,18 +153,23 @@ def run_stage(name: str, run: Callable[..., None], params: Params, *args: str) -
     again here for the caller to report. Anything else propagates with its traceback.
     """
     refused: list[Exception] = []
+    full_name = "@".join((name, *args))
 
     def stage(params: Params, step: Callable, *args: str):
         try:
-            run(params, step, *args)
+            with logs_to_prefect():
+                run(params, step, *args)
         except (ConfigError, StoreError) as exc:
             refused.append(exc)
             return Failed(message=str(exc))
+        publish_artifacts(name, params, *args)
 
     stage.__name__ = name
-    state = flow(stage, name="@".join((name, *args)), log_prints=True, persist_result=False,
-                 validate_parameters=False, task_runner=task_runner(params.runtime))(
-        params, prefect_step, *args, return_state=True)
+    labels = run_labels(params)
+    with tags(*labels.values()):
+        state = flow(stage, name=full_name, flow_run_name=f"{full_name} {labels['params']}", log_prints=True,
+                     persist_result=False, validate_parameters=False, task_runner=task_runner(params.runtime))(
+            params, prefect_step, *args, return_state=True)
     if refused:
         raise refused[0]
     state.result()

@@ -11,6 +11,7 @@ from prunekit.config import ConfigError, Params
 from prunekit.data import WIKITEXT, bos_id
 from prunekit.forward.scoring import evaluate_model, protocol
 from prunekit.models import max_positions, pick_device
+from prunekit.reporting.intervals import ppl_interval
 from stages.common import VARIANTS, Paths, log, open_model, tokenizer_of
 
 
@@ -50,5 +51,7 @@ def run(params: Params, step, variant: str = "dense") -> None:
         "fingerprint": meta["fingerprint"],
         "protocol": protocol(e.seqlen, e.max_windows, bos_id(tokenizer) is not None),
         "ppl": {name: r["ppl"] for name, r in results.items()},
+        # 95% bootstrap over windows (prunekit.reporting.intervals): what the windows say about the text
+        "ppl_ci95": {name: list(ppl_interval(r["window_nll"])) for name, r in results.items()},
         "details": results,
     })

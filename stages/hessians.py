@@ -10,6 +10,7 @@ from prunekit.compression.hessians import collect_hessians
 from prunekit.config import ConfigError, Params
 from prunekit.data import read_calibration
 from prunekit.models import pick_device
+from prunekit.reporting.provenance import hardware, machine_line
 from prunekit.storage.hessian_store import HessianStore
 from stages.common import Paths, model_fingerprint, open_model
 
@@ -29,6 +30,7 @@ def run(params: Params, step) -> None:
     windows, calib = read_calibration(paths.calib)
     source = open_model(params, paths.model, device)  # streamed: one decoder layer at a time
     store = HessianStore.open_for_writing(paths.hessians, model_fingerprint(paths.model), calib["fingerprint"],
-                                          len(source.layers), params.hessians.dtype)
+                                          len(source.layers), params.hessians.dtype,
+                                          made_on=machine_line(hardware()))
     # shards > 1: map-reduce over calibration shards on the task runner
     collect_hessians(source, source.runner(windows), store, dtype, step, params.runtime.shards)

@@ -8,7 +8,7 @@ Allocators (schedule.allocator):
   with search.database 'dense', the Hessian store.
 
 Writes the schedule (json), its table (reports/schedule.csv), a plot, and for the search its
-fitness history (reports/search.csv).
+fitness history (reports/search.csv, reports/plots/search.png).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def run(params: Params, step) -> None:
     estimates = pd.read_parquet(paths.estimates)
     extra: dict = {}
     write_atomic(paths.reports / "search.csv", "generation,fitness,accepted,seconds\n")  # filled by a search
+    plots.search_history(None, paths.reports / "plots" / "search.png")
     if s.allocator in MEASURED:
         table = allocate(estimates, target, s.model_copy(update={"allocator": "uniform"}))
         sparsity = _ranked(params, paths) if s.allocator == "ranked" else _searched(params, paths, step, extra)
@@ -97,4 +98,5 @@ def _searched(params: Params, paths: Paths, step, extra: dict) -> dict[str, floa
                        "evaluations": result.evaluations,
                        "rounds": [{k: r[k] for k in ("generations", "start", "fitness")} for r in result.rounds]}
     write_atomic(paths.reports / "search.csv", result.history.to_csv(index=False))
+    plots.search_history(result.history, paths.reports / "plots" / "search.png")
     return result.sparsity

@@ -1,5 +1,6 @@
-"""Bad input through the real stage CLIs: one clear line on stderr, exit status 2, no traceback,
-and nothing half-written.
+"""Bad input through the real entry points: one clear line on stderr, exit status 2, no traceback,
+and nothing half-written. Cases that params.yaml alone refuses run `prunekit stage` in this
+process (its `main`); the others run it in a process of its own, as `dvc repro` does.
 
 Every case: (stage [args], params overrides, expected message, out that must not appear, setup).
 The setups make the bad artifact (a model with NaN weights, a Hessian store that is corrupted,
@@ -7,11 +8,13 @@ truncated, from another model or not a Hessian, a broken schedule or calibration
 the good ones of a prepared working directory.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -255,8 +258,20 @@ CASES = {
 }
 
 
+def _refused_by_params(workdir: Path, stage: str) -> bool:
+    """Whether params.yaml alone refuses the stage (load_params or the stage's check)."""
+    from flows.pipeline import stage_module
+    from prunekit.config import ConfigError, load_params
+
+    try:
+        stage_module(stage).check(load_params(workdir / "params.yaml"))
+    except ConfigError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_fails_cleanly(name, workdir, tiny_models, tmp_path):
+def test_bad_input_fails_cleanly(name, workdir, tiny_models, tmp_path, monkeypatch, capsys):
     case = CASES[name]
     params = tiny_params(tiny_models["llama"], **case.override)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
@@ -267,12 +282,21 @@ def test_bad_input_fails_cleanly(name, workdir, tiny_models, tmp_path):
         globals()[case.setup](workdir, params, tmp_path)
         if not case.setup.startswith("_params_"):  # those break params.yaml itself
             (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = _stage(workdir, case.stage, *case.args)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    if _refused_by_params(workdir, case.stage):  # pure validation: the command's own main, in process
+        from flows import cli
+
+        monkeypatch.chdir(workdir)
+        with mock.patch.dict(os.environ):
+            code = cli.main(["stage", case.stage, *case.args])
+        stderr = capsys.readouterr().err
+    else:  # the stage runs: its own process, as dvc repro starts it
+        proc = _stage(workdir, case.stage, *case.args)
+        code, stderr = proc.returncode, proc.stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr[-2000:]
     assert lines[-1].startswith("error: ") and case.message in lines[-1], lines[-3:]
     assert sum(line.startswith("error: ") for line in lines) == 1
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
     if case.absent:
         assert not (workdir / case.absent).exists(), case.absent
     assert (workdir / CALIB).is_file() and HessianStore.open_for_reading(

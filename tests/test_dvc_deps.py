@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-PACKAGES = ("prunekit", "stages")
+PACKAGES = ("prunekit", "stages", "flows")
 
 
 def _module_file(name: str) -> Path | None:
@@ -72,3 +72,20 @@ def test_every_imported_module_is_a_dependency(name):
     assert body["cmd"].split()[:3] == ["prunekit", "stage", module]
     missing = sorted(str(f) for f in closure(f"stages.{module}") if not _covered(f, body["deps"]))
     assert not missing, f"dvc.yaml stage {name} misses deps {missing}"
+
+
+def _project_modules(package: str) -> list[str]:
+    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for p in (ROOT / package).rglob("*.py"))
+
+
+def test_imports_go_one_way():
+    """flows → stages → prunekit: the library imports neither edge, a stage imports no other stage."""
+    for module in _project_modules("prunekit"):
+        edges = {m for m in _imports(_module_file(module), module) if m.split(".")[0] != "prunekit"}
+        assert not edges, f"{module} imports {sorted(edges)}"
+    for module in _project_modules("stages"):
+        others = {m for m in _imports(_module_file(module), module)
+                  if m.startswith("stages.") and m != "stages.common" and m != module}
+        assert not others, f"{module} imports {sorted(others)}"
+        assert not any(m.startswith("flows") for m in _imports(_module_file(module), module))

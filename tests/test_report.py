@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 from test_export import run_stages
+
+pytestmark = pytest.mark.pipeline  # the stages of the pipeline, run in process
 
 
 def _evaluate_and_report(params_path):
@@ -51,21 +54,27 @@ def test_report_provenance_and_audit(tiny_models, tmp_path, monkeypatch):
     assert "data/export/tiny/packed/model.packed.safetensors" in export_files
     assert all(len(h) == 64 for h in export_files.values())
 
+    assert record["hardware"]["cpu_count"] and "intra_op_threads" in record["hardware"]["torch"]
+    assert set(record["metric_values"]) == {f"reports/metrics/{v}.json" for v in ("dense", "pruned", "compressed",
+                                                                                   "export")}
+    assert "machine" in pd.read_csv(reports / "runs.csv") and "made on " in text
+
     clean = _audit(tmp_path)
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert clean.stdout.startswith("0 difference(s)")
+    assert clean.stdout.startswith("identical: ")
 
     manifest = tmp_path / "data/export/tiny/packed/manifest.json"
-    manifest.write_text(manifest.read_text() + " ")
+    manifest.write_text(manifest.read_text() + " ")  # same JSON, other bytes
+    unverified = _audit(tmp_path)
+    assert unverified.returncode == 4 and unverified.stdout.splitlines()[0].startswith("unverified        export: ")
     (tmp_path / "data/compressed/tiny/tokenizer.json").unlink()
     (tmp_path / "data/pruned/tiny/extra.bin").write_bytes(b"x")
     dirty = _audit(tmp_path)
-    assert dirty.returncode == 1
+    assert dirty.returncode == 3
     lines = dirty.stdout.splitlines()
-    assert "changed  data/export/tiny/packed/manifest.json  (export)" in lines
-    assert "missing  data/compressed/tiny/tokenizer.json  (compressed)" in lines
-    assert "added    data/pruned/tiny/extra.bin  (pruned)" in lines
-    assert lines[-1].startswith("3 difference(s)")
+    assert any(line.startswith("different         compressed: 1 file(s) missing") for line in lines), lines
+    assert any(line.startswith("different         pruned: 0 file(s) missing, 1 added") for line in lines), lines
+    assert lines[-1].startswith("different: ")
 
 
 def test_runs_accumulate_across_parameter_sets(tiny_models, tmp_path, monkeypatch):
@@ -83,4 +92,50 @@ def test_runs_accumulate_across_parameter_sets(tiny_models, tmp_path, monkeypatc
     assert runs["achieved_sparsity"].round(1).tolist() == [0.7, 0.5]
     assert "ppl_compressed_wikitext2" in runs and runs["packed_linears_vs_fp16"].notna().all()
     text = (tmp_path / "reports" / "report.md").read_text()
-    assert "2 parameter set(s)" in text and params.model.name == "tiny"
+    assert "2 run(s) recorded" in text and params.model.name == "tiny"
+
+
+def test_another_floating_point_order_is_within_tolerance_and_a_parameter_is_not(tiny_models, tmp_path, monkeypatch):
+    """What differs between CPUs, made here: the PyTorch kernels instead of the compiled ones and
+    one thread instead of two. The audit of that run against the first one's record says
+    "within tolerance", every perplexity inside the other run's interval; another sparsity is
+    "different"."""
+    import functools
+
+    import torch
+
+    from prunekit.kernels import native
+    from prunekit.reporting.audit import audit, summary
+
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    for root in (first, second, third):
+        root.mkdir()
+    run_stages(first, tiny_models["llama"], monkeypatch)
+    _evaluate_and_report(first / "params.yaml")
+    record = json.loads((first / "reports/provenance.json").read_text())
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
+    monkeypatch.setattr(native, "_build", functools.cache(native._build.__wrapped__))
+    torch.set_num_threads(1)
+    try:
+        run_stages(second, tiny_models["llama"], monkeypatch)
+        _evaluate_and_report(second / "params.yaml")
+    finally:
+        torch.set_num_threads(threads)
+    verdicts = {v.label: v for v in audit(record, second, against=first)}
+    assert summary(list(verdicts.values()))[0] == "within tolerance", "\n".join(v.line() for v in verdicts.values())
+    assert verdicts["pruned"].status == "within tolerance", verdicts["pruned"].line()  # bytes differ, numbers agree
+    assert verdicts["metrics"].status == "within tolerance" and "inside" in verdicts["metrics"].detail
+    for variant in ("dense", "pruned", "compressed"):
+        a, b = (json.loads((root / f"reports/metrics/{variant}.json").read_text()) for root in (first, second))
+        for name, (lo, hi) in a["ppl_ci95"].items():
+            assert lo <= b["ppl"][name] <= hi, (variant, name)
+
+    monkeypatch.setattr(native, "_build", functools.cache(native._build.__wrapped__))
+    monkeypatch.delenv("PRUNEKIT_NATIVE")
+    run_stages(third, tiny_models["llama"], monkeypatch, structure="2:4")
+    _evaluate_and_report(third / "params.yaml")
+    verdicts = {v.label: v for v in audit(record, third, against=first)}
+    assert verdicts["params_file"].status == "different" and "prune" in verdicts["params_file"].detail
+    assert summary(list(verdicts.values()))[0] == "different"

@@ -187,6 +187,7 @@ def run_stages(model_dir, root, stream: bool):
     return paths
 
 
+@pytest.mark.pipeline
 def test_stream_param_in_the_stages(tiny_models, tmp_path):
     import pandas as pd
 

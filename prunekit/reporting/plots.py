@@ -68,3 +68,22 @@ def ppl_vs_sparsity(runs: pd.DataFrame, datasets: list[str], path: Path) -> None
            title=f"Perplexity against sparsity ({len(runs)} run{'s' if len(runs) != 1 else ''})")
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
+
+
+def search_history(history: pd.DataFrame | None, path: Path) -> None:
+    """Best calibration fitness against generation of the schedule search, one line per round
+    (an empty frame with a note when the allocator does not search)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if history is None or not len(history):
+        ax.text(0.5, 0.5, "no search (schedule.allocator is not 'search')", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        rounds = history["round"] if "round" in history else pd.Series(0, index=history.index)
+        offset = 0
+        for r in sorted(rounds.unique()):
+            part = history[rounds == r]
+            ax.plot(offset + part["generation"], part["fitness"], "-o", ms=3, label=f"round {r + 1}")
+            offset += int(part["generation"].max())
+        ax.set(xlabel="generation", ylabel="calibration fitness (best so far)", title="Schedule search")
+        ax.legend(fontsize=7)
+    _save(fig, path)

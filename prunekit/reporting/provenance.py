@@ -7,8 +7,10 @@ Example::
     >>> root = Path(tempfile.mkdtemp()); (root / "a.txt").write_text("x")
     1
     >>> record = build(root, {"a": root / "a.txt"}, params={})
-    >>> audit(record, root)
-    []
+    >>> record["artifacts"]["a"]["files"]
+    {'a.txt': '2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881'}
+
+`prunekit.reporting.audit` judges a run against such a record.
 """
 from __future__ import annotations
 
@@ -58,27 +60,71 @@ def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     return out
 
 
-def hardware() -> dict:
-    info = {"machine": platform.machine(), "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
+FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+         "amx_tile", "amx_bf16", "asimd", "sve")  # the ones BLAS and the compiled kernels choose paths by
+
+
+def _cpuinfo() -> dict:
+    """CPU model, vendor and the floating-point-relevant flags from /proc/cpuinfo (Linux)."""
+    info: dict = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and "cpu" not in info:
+            info["cpu"] = value
+        elif key == "vendor_id" and "vendor" not in info:
+            info["vendor"] = value
+        elif key in ("flags", "Features") and "cpu_flags" not in info:
+            have = set(value.split())
+            info["cpu_flags"] = [f for f in FLAGS if f in have]
+    return info
+
+
+def _torch_build(torch) -> dict:
+    """BLAS / LAPACK / oneDNN and the CPU capability torch dispatches to, and its threads."""
+    config = torch.__config__.show()
+    out: dict = {}
+    for line in config.splitlines():
+        line = line.strip().lstrip("- ")
+        if line.startswith("Build settings:"):
+            settings = dict(part.strip().partition("=")[::2] for part in line.split(":", 1)[1].split(", ") if "=" in part)
+            out.update({k.lower(): settings[k] for k in ("BLAS_INFO", "LAPACK_INFO") if k in settings})
+        elif line.startswith("CPU capability usage:"):
+            out["cpu_capability"] = line.split(":", 1)[1].strip()
+        elif "Math Kernel Library Version" in line:
+            out["mkl"] = line.split("Version", 1)[1].split("-")[0].strip()
+        elif line.startswith("Intel(R) MKL-DNN"):
+            out["onednn"] = line.split()[2]
+    return {**out, "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads()}
+
+
+def hardware() -> dict:
+    """What changes floating-point results between machines: CPU model and flags, BLAS and
+    threads, GPUs, and the build of the compiled CPU kernels (or none)."""
     import torch
 
     from prunekit.kernels import native
 
+    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), **_cpuinfo(), "torch": _torch_build(torch)}
     info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
     info["native_cpu_kernels"] = native.build()
     return info
 
 
-class _Hasher:
+def machine_line(hw: dict) -> str:
+    """One line naming the machine, for reports and runs.csv."""
+    gpus = f", {len(hw['cuda'])}x {hw['cuda'][0]}" if hw.get("cuda") else ""
+    native = "compiled kernels" if hw.get("native_cpu_kernels") else "PyTorch kernels"
+    return f"{hw.get('cpu', hw.get('processor'))} ({hw.get('cpu_count')} CPUs, {native}){gpus}"
+
+
+class Hasher:
     """sha256 of files, computed once per (device, inode, size, mtime): hard-linked copies of a
     file (the export's hf/ folder) are read once."""
 
@@ -97,14 +143,14 @@ class _Hasher:
         return self._seen[key]
 
 
-def _files(path: Path) -> list[Path]:
+def files_of(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
 
-def hash_artifact(path: Path, root: Path, hasher: _Hasher | None = None) -> dict:
+def hash_artifact(path: Path, root: Path, hasher: Hasher | None = None) -> dict:
     """{'path': relative path, 'kind': 'file'|'dir', 'files': {relative file: sha256}, 'bytes', 'mtime'}."""
-    hasher = hasher or _Hasher()
-    files = _files(path)
+    hasher = hasher or Hasher()
+    files = files_of(path)
     mtime = max((f.stat().st_mtime for f in files), default=None)
     return {
         "path": str(path.relative_to(root)),
@@ -118,7 +164,7 @@ def hash_artifact(path: Path, root: Path, hasher: _Hasher | None = None) -> dict
 def build(root: Path, artifacts: dict[str, Path], params: dict, extra: dict | None = None) -> dict:
     """The provenance record of the artifacts (label -> path under root) that exist."""
     root = Path(root).resolve()
-    hasher = _Hasher()
+    hasher = Hasher()
     hashed = {}
     present = {label: Path(p).resolve() for label, p in artifacts.items() if Path(p).exists()}
     for label, path in tqdm(present.items(), desc="provenance hashes", unit="artifact", leave=False):
@@ -135,30 +181,6 @@ def build(root: Path, artifacts: dict[str, Path], params: dict, extra: dict | No
         "hardware": hardware(),
         **(extra or {}),
     }
-
-
-def audit(record: dict, root: Path) -> list[str]:
-    """Re-hash the artifacts of a provenance record; one line per difference (empty: all match).
-
-    A difference is a recorded file that is missing or whose sha256 changed, or a file that
-    appeared inside a recorded folder.
-    """
-    root = Path(root)
-    hasher = _Hasher()
-    problems = []
-    for label, art in record["artifacts"].items():
-        for rel, digest in art["files"].items():
-            f = root / rel
-            if not f.is_file():
-                problems.append(f"missing  {rel}  ({label})")
-            elif hasher(f) != digest:
-                problems.append(f"changed  {rel}  ({label})")
-        folder = root / art["path"]
-        if art["kind"] == "dir" and folder.is_dir():
-            for f in _files(folder):
-                if str(f.relative_to(root)) not in art["files"]:
-                    problems.append(f"added    {f.relative_to(root)}  ({label})")
-    return problems
 
 
 def read(path: Path) -> dict:

@@ -4,7 +4,6 @@ pruned model's stats and the export summary."""
 from __future__ import annotations
 
 import logging
-import platform
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,8 @@ import yaml
 from ..artifacts import fingerprint, write_atomic, write_json
 from ..config import Params
 from . import plots, provenance
+from .audit import metric_values
+from .intervals import ratio_interval
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,26 @@ def write_report(params: Params, per_model: dict[str, dict], pruned: dict, sched
     """
     evaluated = {v: m for v, m in per_model.items() if "ppl" in m}
     metrics = {v: m["ppl"] for v, m in evaluated.items()}
+    metrics["ci95"] = {v: {d: dict(zip(("lo", "hi"), ci)) for d, ci in m["ppl_ci95"].items()}
+                       for v, m in evaluated.items() if "ppl_ci95" in m}
     metrics["sparsity"] = {"target": schedule["target"], "achieved": pruned["overall_sparsity"]}
     if exported:
         metrics["export"] = exported["ratios_vs_fp16"]
+    machine = provenance.machine_line(provenance.hardware())
+    metrics["machine"] = machine
     write_json(reports / "metrics.json", metrics)
-    runs = _record_run(params, evaluated, pruned, exported, reports / "runs.csv")
+    runs = _record_run(params, evaluated, pruned, exported, reports / "runs.csv", machine)
     same = runs[(runs["model"] == params.model.name) & (runs["protocol"] == _protocol_key(params))]
     plots.ppl_vs_sparsity(same, list(params.evaluate.datasets), reports / "plots" / "ppl_vs_sparsity.png")
-    write_atomic(reports / "report.md", _markdown(params, evaluated, pruned, schedule, exported, same))
-    record = provenance.build(reports.parent, artifacts, params.model_dump(mode="json"),
-                              {"hessian_store_attrs": store_attrs})
+    write_atomic(reports / "report.md", _markdown(params, evaluated, pruned, schedule, exported, same, machine,
+                                                         (store_attrs or {}).get("made_on")))
+    params_file = artifacts.get("params_file")
+    record = provenance.build(reports.parent, artifacts, params.model_dump(mode="json"), {
+        "hessian_store_attrs": store_attrs,
+        # what the audit judges numbers by when the files differ (prunekit.reporting.audit)
+        "metric_values": metric_values(reports.parent, reports / "metrics"),
+        "params_yaml": yaml.safe_load(params_file.read_text()) if params_file and params_file.is_file() else None,
+    })
     write_json(reports / "provenance.json", record)
     log.info("reports/provenance.json: %d files hashed; check later with `prunekit audit`",
              sum(len(a["files"]) for a in record["artifacts"].values()))
@@ -49,14 +60,17 @@ def _protocol_key(params: Params) -> str:
     return f"seqlen={e.seqlen} max_windows={e.max_windows} datasets={'+'.join(e.datasets)}"
 
 
-def _record_run(params: Params, evaluated: dict, pruned: dict, exported: dict | None, path) -> pd.DataFrame:
-    """Add (or replace) this parameter set's row in reports/runs.csv; return every row."""
+def _record_run(params: Params, evaluated: dict, pruned: dict, exported: dict | None, path,
+                machine: str) -> pd.DataFrame:
+    """Add (or replace) this parameter set's row for this machine in reports/runs.csv; return
+    every row. The same parameters on another CPU are another row: the numbers differ in the
+    last bits, and at 70% sparsity by more."""
     config = params.model_dump(mode="json")
     config.pop("runtime")
     row = {
         "params_fingerprint": fingerprint(config),
         "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": params.model.name, "protocol": _protocol_key(params),
+        "machine": machine, "model": params.model.name, "protocol": _protocol_key(params),
         "method": params.prune.method, "allocator": params.schedule.allocator, "structure": params.prune.structure,
         "mode": params.prune.mode, "target_sparsity": params.prune.sparsity,
         "achieved_sparsity": pruned["overall_sparsity"],
@@ -67,8 +81,11 @@ def _record_run(params: Params, evaluated: dict, pruned: dict, exported: dict | 
     for variant, m in evaluated.items():
         row.update({f"ppl_{variant}_{ds}": v for ds, v in m["ppl"].items()})
     runs = pd.read_csv(path, dtype={"params_fingerprint": str}) if path.is_file() else pd.DataFrame()
+    if len(runs) and "machine" not in runs:  # rows of a record that did not name its machine
+        log.warning("%s: dropping %d row(s) that do not name their machine", path, len(runs))
+        runs = pd.DataFrame()
     if len(runs):
-        runs = runs[runs["params_fingerprint"] != row["params_fingerprint"]]
+        runs = runs[(runs["params_fingerprint"] != row["params_fingerprint"]) | (runs["machine"] != machine)]
     runs = pd.concat([runs, pd.DataFrame([row])], ignore_index=True) if len(runs) else pd.DataFrame([row])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, runs.to_csv(index=False))
@@ -76,8 +93,19 @@ def _record_run(params: Params, evaluated: dict, pruned: dict, exported: dict | 
     return runs
 
 
+def _with_interval(metrics: dict, dataset: str) -> str:
+    lo, hi = metrics.get("ppl_ci95", {}).get(dataset, (None, None))
+    ppl = metrics["ppl"][dataset]
+    return f"{ppl:.2f}" if lo is None else f"{ppl:.2f} [{lo:.1f}, {hi:.1f}]"
+
+
+def _ratio(a: dict, b: dict, dataset: str) -> str:
+    ratio, lo, hi = ratio_interval(a["details"][dataset]["window_nll"], b["details"][dataset]["window_nll"])
+    return f"{ratio:.3f}× [{lo:.3f}, {hi:.3f}]"
+
+
 def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exported: dict | None = None,
-              runs: pd.DataFrame | None = None) -> str:
+              runs: pd.DataFrame | None = None, machine: str = "", hessians_made_on: str | None = None) -> str:
     datasets = list(params.evaluate.datasets)
     protocol = next(iter(evaluated.values()))["protocol"]
     quant = params.quantize
@@ -92,15 +120,31 @@ def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exp
         "",
         f"Model source `{params.model.source}`; calibration {params.calibration.nsamples} x "
         f"{params.calibration.seqlen} tokens from `{params.calibration.source}` (seed {params.calibration.seed}); "
-        f"torch {torch.__version__} on {platform.machine()}.",
+        f"made on {machine} with torch {torch.__version__}; numbers on another CPU differ (sequential",
+        "pruning at high sparsity amplifies last-bit differences): compare within one machine."
+        + (f" The dense Hessians were made on {hessians_made_on}." if hessians_made_on and hessians_made_on != machine
+           else ""),
         "",
         f"Protocol: {protocol}.",
+        "",
+        "Perplexity with its 95% interval (bootstrap over the evaluation windows; with few windows the",
+        "interval is wide and itself rough). Ratios compare two models on the same windows (paired).",
         "",
         "| model | " + " | ".join(datasets) + " |",
         "|---|" + "---:|" * len(datasets),
     ]
     for v, m in evaluated.items():
-        lines.append(f"| {labels[v]} | " + " | ".join(f"{m['ppl'][d]:.2f}" for d in datasets) + " |")
+        lines.append(f"| {labels[v]} | " + " | ".join(_with_interval(m, d) for d in datasets) + " |")
+    if {"pruned", "compressed"} <= evaluated.keys():
+        lines.append("| compressed / pruned | " + " | ".join(
+            _ratio(evaluated["compressed"], evaluated["pruned"], d) for d in datasets) + " |")
+    if params.evaluate.max_windows is not None and "pruned" in evaluated:
+        widths = [(hi - lo) / 2 / evaluated["pruned"]["ppl"][d] for d, (lo, hi) in evaluated["pruned"]["ppl_ci95"].items()
+                  if "ppl_ci95" in evaluated["pruned"]] if "ppl_ci95" in evaluated["pruned"] else []
+        lines += ["", f"This is a reduced protocol ({params.evaluate.max_windows} windows per text"
+                      + (f"; the pruned model's interval is ±{max(widths):.0%} wide" if widths else "")
+                      + "). It cannot show what the schedule gains over uniform pruning: that takes the full "
+                      "protocol (every window, 128 × 2048 calibration tokens; reports/RESULTS.md in the project)."]
     lines += [
         "",
         f"Overall sparsity of the decoder linears: {pruned['overall_sparsity']:.4f} "
@@ -137,15 +181,16 @@ def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exp
         datasets = list(params.evaluate.datasets)
         lines += [
             "## Runs under this protocol", "",
-            f"{len(runs)} parameter set(s) recorded in reports/runs.csv (one row per parameter fingerprint).", "",
-            "| params | method | allocator | structure | sparsity | bits | " + " | ".join(datasets) + " |",
-            "|---|---|---|---|---:|---:|" + "---:|" * len(datasets),
+            f"{len(runs)} run(s) recorded in reports/runs.csv (one row per parameter fingerprint and machine).", "",
+            "| params | machine | method | allocator | structure | sparsity | bits | " + " | ".join(datasets) + " |",
+            "|---|---|---|---|---|---:|---:|" + "---:|" * len(datasets),
         ]
         for _, r in runs.sort_values("achieved_sparsity").iterrows():
             ppl = [r.get(f"ppl_compressed_{d}") if pd.notna(r.get(f"ppl_compressed_{d}")) else r.get(f"ppl_pruned_{d}")
                    for d in datasets]
             bits = "" if pd.isna(r["bits"]) else f"{int(r['bits'])}"
-            lines.append(f"| `{r['params_fingerprint']}` | {r['method']} | {r['allocator']} | {r['structure']} | "
+            lines.append(f"| `{r['params_fingerprint']}` | {r['machine']} | {r['method']} | {r['allocator']} | "
+                         f"{r['structure']} | "
                          f"{r['achieved_sparsity']:.3f} | {bits} | " + " | ".join(f"{v:.2f}" for v in ppl) + " |")
         lines += ["", "(perplexity of the final model: quantized when bits is set, else pruned.)", "",
                   "![perplexity against sparsity](plots/ppl_vs_sparsity.png)", ""]

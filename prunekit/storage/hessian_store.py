@@ -114,8 +114,13 @@ class HessianStore:
         return _reopen, (self.location,)
 
     @classmethod
-    def open_for_writing(cls, path: str | Path, model_fp: str, calib_fp: str, n_layers: int, dtype: str) -> "HessianStore":
-        """Open (or create) a store for these fingerprints, wiping one made from other inputs."""
+    def open_for_writing(cls, path: str | Path, model_fp: str, calib_fp: str, n_layers: int, dtype: str,
+                         made_on: str | None = None) -> "HessianStore":
+        """Open (or create) a store for these fingerprints, wiping one made from other inputs.
+
+        made_on names the machine that computes it (kept in the attributes; a store from
+        another machine with the same inputs is reused as it is, e.g. one pulled from a
+        teammate's DVC remote)."""
         location = _location(path)
         key = {"model_fingerprint": model_fp, "calib_fingerprint": calib_fp, "dtype": dtype}
         if _exists(location):
@@ -128,7 +133,8 @@ class HessianStore:
             log.warning("hessian store %s was made from other inputs; recomputing it", location)
             _remove(location)
         root = zarr.open_group(location, mode="w", zarr_format=3)
-        root.attrs.update({"schema_version": SCHEMA_VERSION, "n_layers": n_layers, **key})
+        root.attrs.update({"schema_version": SCHEMA_VERSION, "n_layers": n_layers, **key,
+                           **({"made_on": made_on} if made_on else {})})
         return cls(location, root)
 
     @classmethod
