@@ -105,3 +105,22 @@ def test_fsspec_url_and_pickling():
     with pytest.raises(StoreError, match="another model"):
         HessianStore.open_for_reading(url, "m2")
     assert not HessianStore.open_for_writing(url, "m2", "c1", 1, "float32").has_layer(0)  # wiped remotely too
+
+
+@pytest.mark.parametrize("noise,verdict", [(0.0, "identical"), (1e-7, "within tolerance"), (1e-2, "different")])
+def test_audit_compares_stores_by_their_arrays(tmp_path, noise, verdict):
+    """Two stores of the same inputs whose Hessians differ by `noise` (relative): the audit of
+    one against the other's record and files judges the arrays, not the chunk bytes."""
+    from prunekit.reporting.audit import audit
+    from prunekit.reporting.provenance import build
+
+    for name, scale in (("a", 0.0), ("b", noise)):
+        store = HessianStore.open_for_writing(tmp_path / name / "h.zarr", "m1", "c1", 2, "float32", made_on="here")
+        for i in range(2):
+            layer = {k: (h * (1 + scale * torch.randn(h.shape, generator=torch.Generator().manual_seed(i))), n)
+                     for k, (h, n) in _layer(i).items()}
+            store.write_layer(i, layer, {"q": ["q"], "down": ["down"]})
+    record = build(tmp_path / "a", {"hessians": tmp_path / "a" / "h.zarr"}, params={})
+    [result] = audit(record, tmp_path / "b", against=tmp_path / "a")
+    assert result.status == verdict, result.line()
+    assert HessianStore.open_for_reading(tmp_path / "b" / "h.zarr", "m1", "c1").attrs["made_on"] == "here"

@@ -88,7 +88,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max()) / scale if scale > 0 else float(np.abs(a - b).max() if a.size else 0.0)
 
 
-def _compare_arrays(pairs, name: str, rel_tolerance: float) -> tuple[str, str]:
+def _compare_arrays(pairs, rel_tolerance: float) -> tuple[str, str]:
     """pairs: (tensor name, a, b) float arrays of the same name; the worst tensor decides."""
     worst_rel = worst_mask = 0.0
     worst_rms, masked = 0.0, False
@@ -175,7 +175,7 @@ def _compare_file(a: Path, b: Path) -> tuple[str, str]:
     """Numeric verdict of one changed file a (this run) against b (the recorded run's)."""
     try:
         if a.suffix == ".safetensors":
-            return _compare_arrays(_safetensors(a, b), a.name, TOLERANCES["tensor_rel"])
+            return _compare_arrays(_safetensors(a, b), TOLERANCES["tensor_rel"])
         if a.suffix in (".parquet", ".json"):
             return _compare_tables(a, b)
     except (KeyError, ValueError, OSError) as exc:
@@ -225,7 +225,7 @@ def _judge_artifact(label: str, art: dict, root: Path, against: Path | None, has
     if art["path"].endswith(".zarr"):  # a Hessian store: its arrays, not its chunk files
         base = Path(art["path"])
         try:
-            return Verdict(label, *_compare_arrays(_zarr_arrays(root / base, against / base), base.name,
+            return Verdict(label, *_compare_arrays(_zarr_arrays(root / base, against / base),
                                                    TOLERANCES["hessian_rel"]))
         except (KeyError, ValueError, OSError) as exc:
             return Verdict(label, DIFFERENT, f"{base}: {exc}")

@@ -139,8 +139,8 @@ def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exp
         lines.append("| compressed / pruned | " + " | ".join(
             _ratio(evaluated["compressed"], evaluated["pruned"], d) for d in datasets) + " |")
     if params.evaluate.max_windows is not None and "pruned" in evaluated:
-        widths = [(hi - lo) / 2 / evaluated["pruned"]["ppl"][d] for d, (lo, hi) in evaluated["pruned"]["ppl_ci95"].items()
-                  if "ppl_ci95" in evaluated["pruned"]] if "ppl_ci95" in evaluated["pruned"] else []
+        pruned_ppl = evaluated["pruned"]
+        widths = [(hi - lo) / 2 / pruned_ppl["ppl"][d] for d, (lo, hi) in pruned_ppl.get("ppl_ci95", {}).items()]
         lines += ["", f"This is a reduced protocol ({params.evaluate.max_windows} windows per text"
                       + (f"; the pruned model's interval is ±{max(widths):.0%} wide" if widths else "")
                       + "). It cannot show what the schedule gains over uniform pruning: that takes the full "
