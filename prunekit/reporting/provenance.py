@@ -161,8 +161,10 @@ def hash_artifact(path: Path, root: Path, hasher: Hasher | None = None) -> dict:
     }
 
 
-def build(root: Path, artifacts: dict[str, Path], params: dict, extra: dict | None = None) -> dict:
-    """The provenance record of the artifacts (label -> path under root) that exist."""
+def build(root: Path, artifacts: dict[str, Path], params: dict, extra: dict | None = None,
+          machine: dict | None = None) -> dict:
+    """The provenance record of the artifacts (label -> path under root) that exist; machine:
+    `hardware()` when the caller has it already."""
     root = Path(root).resolve()
     hasher = Hasher()
     hashed = {}
@@ -178,7 +180,7 @@ def build(root: Path, artifacts: dict[str, Path], params: dict, extra: dict | No
         "artifacts": hashed,
         "missing": sorted(set(artifacts) - set(present)),
         "versions": versions(),
-        "hardware": hardware(),
+        "hardware": machine or hardware(),
         **(extra or {}),
     }
 

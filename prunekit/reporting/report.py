@@ -35,7 +35,8 @@ def write_report(params: Params, per_model: dict[str, dict], pruned: dict, sched
     metrics["sparsity"] = {"target": schedule["target"], "achieved": pruned["overall_sparsity"]}
     if exported:
         metrics["export"] = exported["ratios_vs_fp16"]
-    machine = provenance.machine_line(provenance.hardware())
+    hw = provenance.hardware()
+    machine = provenance.machine_line(hw)
     metrics["machine"] = machine
     write_json(reports / "metrics.json", metrics)
     runs = _record_run(params, evaluated, pruned, exported, reports / "runs.csv", machine)
@@ -49,7 +50,7 @@ def write_report(params: Params, per_model: dict[str, dict], pruned: dict, sched
         # what the audit judges numbers by when the files differ (prunekit.reporting.audit)
         "metric_values": metric_values(reports.parent, reports / "metrics"),
         "params_yaml": yaml.safe_load(params_file.read_text()) if params_file and params_file.is_file() else None,
-    })
+    }, machine=hw)
     write_json(reports / "provenance.json", record)
     log.info("reports/provenance.json: %d files hashed; check later with `prunekit audit`",
              sum(len(a["files"]) for a in record["artifacts"].values()))
