@@ -8,6 +8,7 @@ truncated, from another model or not a Hessian, a broken schedule or calibration
 the good ones of a prepared working directory.
 """
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import yaml
 import zarr
 from conftest import tiny_params
 
+import flows.pipeline  # noqa: F401  Prefect sets up its logging on import: here, not under a test's captured stderr
 from prunekit.storage.hessian_store import HessianStore
 
 STORE, CALIB = "data/hessians/tiny__c4.zarr", "data/calib/tiny__c4.parquet"
@@ -286,6 +288,9 @@ def test_bad_input_fails_cleanly(name, workdir, tiny_models, tmp_path, monkeypat
         from flows import cli
 
         monkeypatch.chdir(workdir)
+        # the command configures logging for its process: give this one its own back afterwards
+        monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
+        monkeypatch.setattr(logging.root, "level", logging.root.level)
         with mock.patch.dict(os.environ):
             code = cli.main(["stage", case.stage, *case.args])
         stderr = capsys.readouterr().err
