@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | to
 
     where, gguf = resolve_source(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype)
+        with gguf_parse_once():
+            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype)
     except OSError as exc:
         raise ConfigError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
     adapter_for(model)
@@ -175,6 +177,39 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | to
         _drop_gguf_marker(model, source)
     model.config.use_cache = False
     return model.to(device).eval()
+
+
+@contextmanager
+def gguf_parse_once() -> Iterator[None]:
+    """Within the block, every `gguf.GGUFReader(path)` of the same file returns one reader.
+
+    transformers reads a GGUF file's metadata for the tokenizer, for the config and again for
+    the weights; for a 262,144-token vocabulary each read is about 20 s of Python on a CPU core.
+    The reader is read-only (a memory map), so sharing it changes nothing but the time. Nested
+    blocks share the outer block's readers.
+    """
+    try:
+        import gguf
+    except ImportError:  # transformers says what is missing when it needs it
+        yield
+        return
+    if getattr(gguf.GGUFReader, "_prunekit_shared", False):
+        yield
+        return
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    shared._prunekit_shared = True
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def _drop_gguf_marker(model: nn.Module, source: str) -> None:

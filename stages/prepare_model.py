@@ -11,7 +11,7 @@ import torch
 
 from prunekit.artifacts import state_fingerprint
 from prunekit.config import ConfigError, Params
-from prunekit.models import adapter_for, load_model, load_tokenizer, resolve_source, save_model
+from prunekit.models import adapter_for, gguf_parse_once, load_model, load_tokenizer, resolve_source, save_model
 from stages.common import Paths, log
 
 
@@ -46,6 +46,11 @@ def why_not_streamed(source: str) -> str | None:
 
 
 def run(params: Params, step) -> None:
+    with gguf_parse_once():  # a GGUF source: the tokenizer and the model share one metadata parse
+        prepare(params)
+
+
+def prepare(params: Params) -> None:
     source, out_dir = params.model.source, Paths.of(params).model
     tokenizer = load_tokenizer(source)
     if params.runtime.stream:
