@@ -72,13 +72,8 @@ def gptq(
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         if quant.groupsize is not None:
             # Kept zeros are exact zeros of Wt here, so they do not widen a grid.
-            gs = quant.groupsize
-            grids = [quant.grid(Wt[g : g + gs].T) for g in range(0, n, gs)]
-            static_grid = (
-                torch.stack([s for s, _ in grids]),
-                torch.stack([z for _, z in grids]),
-                (perm // gs).tolist(),
-            )
+            scales, zeros = quant.group_grids(Wt.T)
+            static_grid = (scales, zeros, (perm // quant.groupsize).tolist())
         Wt = Wt[perm]
         H = H[perm][:, perm]
         if fixed_mask is not None:

@@ -105,6 +105,25 @@ class QuantSpec:
             scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
         return scale, zero
 
+    def group_grids(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """`grid` of every group of `groupsize` consecutive columns of W (rows, cols), as
+        (n_groups, rows) scales and zero points: the equal-width groups in one batched call (the
+        rows are independent, so each group's grid is the one `grid` gives it alone)."""
+        rows, cols = W.shape
+        gs = cols if self.groupsize is None else self.groupsize
+        full = cols // gs
+        scales, zeros = [], []
+        if full:
+            batch = W[:, : full * gs].reshape(rows, full, gs).transpose(0, 1).reshape(full * rows, gs)
+            s, z = self.grid(batch)
+            scales.append(s.reshape(full, rows))
+            zeros.append(z.reshape(full, rows))
+        if full * gs < cols:  # a narrower last group
+            s, z = self.grid(W[:, full * gs :])
+            scales.append(s[None])
+            zeros.append(z[None])
+        return torch.cat(scales), torch.cat(zeros)
+
     def _range_grid(self, xmin: Tensor, xmax: Tensor) -> tuple[Tensor, Tensor]:
         scale = ((xmax - xmin) / self.maxq).clamp(min=_TINY)
         if self.sym:
