@@ -610,6 +610,21 @@ def test_mse_grid_on_a_pruned_w_is_the_whole_tensor_search_bit_for_bit(sym):
         assert torch.equal(got[0], scale) and torch.equal(got[1], zero)
 
 
+@pytest.mark.parametrize("sym,mse,cols", [(False, True, 96), (True, True, 80), (False, False, 96)])
+def test_group_grids_are_each_groups_own_grid_bit_for_bit(sym, mse, cols):
+    """The batched grids of all groups (GPTQ's static groups) equal one `grid` call per group,
+    a narrower last group (80 = 32 + 32 + 16) included."""
+    torch.manual_seed(6)
+    W = torch.distributions.StudentT(3.0).sample((40, cols))
+    W[torch.rand(40, cols) < 0.7] = 0.0
+    spec = QuantSpec(bits=4, sym=sym, mse=mse, groupsize=32)
+    scales, zeros = spec.group_grids(W)
+    assert scales.shape == zeros.shape == (spec.n_groups(cols), 40)
+    for g, start in enumerate(range(0, cols, 32)):
+        s, z = spec.grid(W[:, start : start + 32])
+        assert torch.equal(scales[g], s) and torch.equal(zeros[g], z), g
+
+
 def test_mse_grid_through_gptq_and_joint_sparsegpt_stays_on_grid_and_sparse():
     W, X, H = problem(32, 96, seed=6)
     spec = QuantSpec(bits=4, groupsize=32, mse=True)
