@@ -121,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         if name == "stage":
             s.add_argument("name", choices=STAGES)
-            s.add_argument("variant", nargs="?", help="evaluate only: dense, pruned or compressed")
+            s.add_argument("variant", nargs="?", help="evaluate: dense, quantized, uniform, pruned or compressed; baseline: uniform or quantized")
         s.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default params.yaml)")
         s.set_defaults(fn=fn)
     audit = sub.add_parser("audit", help="judge a run against a provenance record (exit 0 identical, 1 within "

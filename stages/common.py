@@ -16,7 +16,11 @@ from prunekit.forward.sources import LayerSource, open_source
 
 log = logging.getLogger("stages")
 
-VARIANTS = ("dense", "pruned", "compressed")  # the models the evaluate stage scores (dvc.yaml's foreach)
+# The models the evaluate stage scores (dvc.yaml's foreach): the dense model, the two baselines
+# (the dense model quantized alone; uniform pruning at the same sparsity), the scheduled pruned
+# model and the compressed one (pruned + quantized).
+VARIANTS = ("dense", "quantized", "uniform", "pruned", "compressed")
+BASELINES = ("uniform", "quantized")  # made by the baseline stage
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class Paths:
     schedule: Path
     pruned: Path
     compressed: Path
+    uniform: Path
+    quantized: Path
     export: Path
     reports: Path
 
@@ -49,12 +55,14 @@ class Paths:
             schedule=data / "schedule" / f"{m}.json",
             pruned=data / "pruned" / m,
             compressed=data / "compressed" / m,
+            uniform=data / "uniform" / m,
+            quantized=data / "quantized" / m,
             export=data / "export" / m,
             reports=root / "reports",
         )
 
     def model_dir(self, which: str) -> Path:
-        dirs = dict(zip(VARIANTS, (self.model, self.pruned, self.compressed)))
+        dirs = dict(zip(VARIANTS, (self.model, self.quantized, self.uniform, self.pruned, self.compressed)))
         if which not in dirs:
             raise ConfigError(f"unknown model variant {which!r}; one of {', '.join(dirs)}")
         return dirs[which]

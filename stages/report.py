@@ -24,7 +24,8 @@ def run(params: Params, step) -> None:
     export_file = paths.export / "export.json"
     artifacts = {
         "model": paths.model, "calibration": paths.calib, "hessians": paths.hessians, "estimates": paths.estimates,
-        "schedule": paths.schedule, "pruned": paths.pruned, "compressed": paths.compressed, "export": paths.export,
+        "schedule": paths.schedule, "pruned": paths.pruned, "compressed": paths.compressed, "uniform": paths.uniform,
+        "quantized": paths.quantized, "export": paths.export,
         "metrics": paths.reports / "metrics", "metrics_summary": paths.reports / "metrics.json",
         "report": paths.reports / "report.md", "runs": paths.reports / "runs.csv", "plots": paths.reports / "plots",
         "params_file": root / "params.yaml",

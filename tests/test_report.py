@@ -6,8 +6,11 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from test_export import run_stages
+
+from stages.common import VARIANTS
 
 pytestmark = pytest.mark.pipeline  # the stages of the pipeline, run in process
 
@@ -15,10 +18,12 @@ pytestmark = pytest.mark.pipeline  # the stages of the pipeline, run in process
 def _evaluate_and_report(params_path):
     from prunekit.config import load_params
     from prunekit.steps import call
-    from stages import evaluate, report
+    from stages import baseline, evaluate, report
     from stages.common import VARIANTS
 
     params = load_params(params_path)
+    for variant in baseline.VARIANTS:
+        baseline.run(params, call, variant)
     for variant in VARIANTS:
         evaluate.run(params, call, variant)
     report.run(params, call)
@@ -55,9 +60,27 @@ def test_report_provenance_and_audit(tiny_models, tmp_path, monkeypatch):
     assert all(len(h) == 64 for h in export_files.values())
 
     assert record["hardware"]["cpu_count"] and "intra_op_threads" in record["hardware"]["torch"]
-    assert set(record["metric_values"]) == {f"reports/metrics/{v}.json" for v in ("dense", "pruned", "compressed",
-                                                                                   "export")}
+    assert set(record["metric_values"]) == {f"reports/metrics/{v}.json" for v in (*VARIANTS, "export")}
     assert "machine" in pd.read_csv(reports / "runs.csv") and "made on " in text
+
+    # The baselines are made like the models they are compared with: this run's schedule is
+    # uniform, so the uniform baseline is the pruned model bit for bit (ratio exactly 1), and
+    # the quantized one is GPTQ of the dense model on the same calibration windows.
+    from safetensors.torch import load_file
+
+    import prunekit
+    from prunekit.data import read_calibration
+    from prunekit.models import load_model
+
+    uniform, pruned = (load_file(d / "model.safetensors") for d in (paths.uniform, paths.pruned))
+    assert uniform.keys() == pruned.keys() and all(torch.equal(uniform[k], pruned[k]) for k in pruned)
+    assert all(r["ratio"] == 1.0 for r in metrics["ratios"]["pruned/uniform"].values())
+    assert "| pruned / uniform | the uniform schedule against uniform pruning |" in text
+    assert "| compressed / quantized |" in text and "(baseline)" in text
+    dense = load_model(str(paths.model))
+    prunekit.quantize(dense, read_calibration(paths.calib)[0], groupsize=32)
+    quantized = load_file(paths.quantized / "model.safetensors")
+    assert all(torch.equal(quantized[k], v) for k, v in dense.state_dict().items() if k in quantized)
 
     clean = _audit(tmp_path)
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -127,7 +150,7 @@ def test_another_floating_point_order_is_within_tolerance_and_a_parameter_is_not
     assert summary(list(verdicts.values()))[0] == "within tolerance", "\n".join(v.line() for v in verdicts.values())
     assert verdicts["pruned"].status == "within tolerance", verdicts["pruned"].line()  # bytes differ, numbers agree
     assert verdicts["metrics"].status == "within tolerance" and "inside" in verdicts["metrics"].detail
-    for variant in ("dense", "pruned", "compressed"):
+    for variant in VARIANTS:
         a, b = (json.loads((root / f"reports/metrics/{variant}.json").read_text()) for root in (first, second))
         for name, (lo, hi) in a["ppl_ci95"].items():
             assert lo <= b["ppl"][name] <= hi, (variant, name)

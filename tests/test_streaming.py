@@ -160,7 +160,7 @@ def run_stages(model_dir, root, stream: bool):
     from contextlib import nullcontext
 
     from prunekit.artifacts import write_json
-    from stages import calibrate, estimate, evaluate, export, hessians, prepare_model, prune, quantize
+    from stages import baseline, calibrate, estimate, evaluate, export, hessians, prepare_model, prune, quantize
     from stages.common import Paths
 
     params = Params.model_validate(tiny_params(model_dir, runtime={"device": "cpu", "stream": stream}))
@@ -180,6 +180,8 @@ def run_stages(model_dir, root, stream: bool):
             for stage in (hessians, estimate, prune, quantize, export):
                 stage.check(params)
                 stage.run(params, call)
+            for variant in baseline.VARIANTS:
+                baseline.run(params, call, variant)
             for variant in evaluate.VARIANTS:
                 evaluate.run(params, call, variant)
     finally:
@@ -192,10 +194,11 @@ def test_stream_param_in_the_stages(tiny_models, tmp_path):
     import pandas as pd
 
     from prunekit.storage.packing import MANIFEST, WEIGHTS
+    from stages.common import VARIANTS
 
     memory = run_stages(tiny_models["opt"], tmp_path / "memory", stream=False)
     streamed = run_stages(tiny_models["opt"], tmp_path / "streamed", stream=True)
-    for out in ("pruned", "compressed"):
+    for out in ("pruned", "compressed", "uniform", "quantized"):
         a, b = getattr(memory, out), getattr(streamed, out)
         assert (a / "prunekit.json").read_text() == (b / "prunekit.json").read_text(), out
     assert (memory.compressed / "qparams.safetensors").read_bytes() == \
@@ -208,7 +211,7 @@ def test_stream_param_in_the_stages(tiny_models, tmp_path):
 
     pd.testing.assert_frame_equal(pd.read_parquet(memory.estimates), pd.read_parquet(streamed.estimates))
 
-    for variant in ("dense", "pruned", "compressed"):
+    for variant in VARIANTS:
         a, b = (json.loads((out.reports / "metrics" / f"{variant}.json").read_text()) for out in (memory, streamed))
         assert {k: v for k, v in a.items() if k not in ("ppl", "details")} == \
             {k: v for k, v in b.items() if k not in ("ppl", "details")}

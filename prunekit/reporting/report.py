@@ -20,6 +20,12 @@ from .intervals import ratio_interval
 
 log = logging.getLogger(__name__)
 
+COMPARISONS = {  # (model, baseline): what ppl(model) / ppl(baseline) on the same windows measures
+    ("pruned", "uniform"): "the {allocator} schedule against uniform pruning",
+    ("compressed", "pruned"): "what quantizing the pruned model costs",
+    ("compressed", "quantized"): "what pruning costs on top of quantization",
+}
+
 
 def write_report(params: Params, per_model: dict[str, dict], pruned: dict, schedule: dict, exported: dict | None,
                  reports: Path, artifacts: dict[str, Path], store_attrs: dict | None) -> None:
@@ -32,6 +38,9 @@ def write_report(params: Params, per_model: dict[str, dict], pruned: dict, sched
     metrics = {v: m["ppl"] for v, m in evaluated.items()}
     metrics["ci95"] = {v: {d: dict(zip(("lo", "hi"), ci)) for d, ci in m["ppl_ci95"].items()}
                        for v, m in evaluated.items() if "ppl_ci95" in m}
+    metrics["ratios"] = {f"{a}/{b}": {d: dict(zip(("ratio", "lo", "hi"), _ratio_bounds(evaluated[a], evaluated[b], d)))
+                                      for d in evaluated[a]["ppl"]}
+                         for a, b in COMPARISONS if {a, b} <= evaluated.keys()}
     metrics["sparsity"] = {"target": schedule["target"], "achieved": pruned["overall_sparsity"]}
     if exported:
         metrics["export"] = exported["ratios_vs_fp16"]
@@ -100,8 +109,12 @@ def _with_interval(metrics: dict, dataset: str) -> str:
     return f"{ppl:.2f}" if lo is None else f"{ppl:.2f} [{lo:.1f}, {hi:.1f}]"
 
 
+def _ratio_bounds(a: dict, b: dict, dataset: str) -> tuple[float, float, float]:
+    return ratio_interval(a["details"][dataset]["window_nll"], b["details"][dataset]["window_nll"])
+
+
 def _ratio(a: dict, b: dict, dataset: str) -> str:
-    ratio, lo, hi = ratio_interval(a["details"][dataset]["window_nll"], b["details"][dataset]["window_nll"])
+    ratio, lo, hi = _ratio_bounds(a, b, dataset)
     return f"{ratio:.3f}× [{lo:.3f}, {hi:.3f}]"
 
 
@@ -110,11 +123,14 @@ def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exp
     datasets = list(params.evaluate.datasets)
     protocol = next(iter(evaluated.values()))["protocol"]
     quant = params.quantize
+    gptq = f"GPTQ {quant.bits}-bit" + (f" g{quant.groupsize}" if quant.groupsize else "")
+    sparsity = f"{params.prune.sparsity:.0%} ({params.prune.structure}, {params.prune.mode})"
     labels = {
         "dense": "dense",
-        "pruned": f"{params.prune.method} {params.schedule.allocator} {params.prune.sparsity:.0%}"
-                  f" ({params.prune.structure}, {params.prune.mode})",
-        "compressed": f"same + GPTQ {quant.bits}-bit" + (f" g{quant.groupsize}" if quant.groupsize else ""),
+        "quantized": f"{gptq} alone (baseline)",
+        "uniform": f"{params.prune.method} uniform {sparsity} (baseline)",
+        "pruned": f"{params.prune.method} {params.schedule.allocator} {sparsity}",
+        "compressed": f"same + {gptq}",
     }
     lines = [
         f"# Compression report: {params.model.name}",
@@ -129,23 +145,35 @@ def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exp
         f"Protocol: {protocol}.",
         "",
         "Perplexity with its 95% interval (bootstrap over the evaluation windows; with few windows the",
-        "interval is wide and itself rough). Ratios compare two models on the same windows (paired).",
+        "interval is wide and itself rough). The baselines are made from the same dense model, calibration",
+        "and settings. Ratios compare two models on the same windows (paired bootstrap of the NLL",
+        "difference): below 1 the first model is better; an interval that excludes 1 is a difference",
+        "these windows show.",
         "",
         "| model | " + " | ".join(datasets) + " |",
         "|---|" + "---:|" * len(datasets),
     ]
     for v, m in evaluated.items():
         lines.append(f"| {labels[v]} | " + " | ".join(_with_interval(m, d) for d in datasets) + " |")
-    if {"pruned", "compressed"} <= evaluated.keys():
-        lines.append("| compressed / pruned | " + " | ".join(
-            _ratio(evaluated["compressed"], evaluated["pruned"], d) for d in datasets) + " |")
-    if params.evaluate.max_windows is not None and "pruned" in evaluated:
+    lines += ["", "| ratio | measures | " + " | ".join(datasets) + " |", "|---|---|" + "---:|" * len(datasets)]
+    for (a, b), what in COMPARISONS.items():
+        what = what.format(allocator=params.schedule.allocator)
+        if {a, b} <= evaluated.keys():
+            lines.append(f"| {a} / {b} | {what} | " + " | ".join(
+                _ratio(evaluated[a], evaluated[b], d) for d in datasets) + " |")
+    if {"pruned", "uniform"} <= evaluated.keys():
+        shown = [d for d in datasets if _ratio_bounds(evaluated["pruned"], evaluated["uniform"], d)[2] < 1]
         pruned_ppl = evaluated["pruned"]
         widths = [(hi - lo) / 2 / pruned_ppl["ppl"][d] for d, (lo, hi) in pruned_ppl.get("ppl_ci95", {}).items()]
-        lines += ["", f"This is a reduced protocol ({params.evaluate.max_windows} windows per text"
-                      + (f"; the pruned model's interval is ±{max(widths):.0%} wide" if widths else "")
-                      + "). It cannot show what the schedule gains over uniform pruning: that takes the full "
-                      "protocol (every window, 128 × 2048 calibration tokens; reports/RESULTS.md in the project)."]
+        lines += ["", (f"On these windows the schedule's gain over uniform pruning is shown on {', '.join(shown)}."
+                       if shown else "On these windows the schedule's gain over uniform pruning is not shown (every "
+                       "paired interval reaches 1).")
+                  + (f" The pruned model's own interval is ±{max(widths):.0%} wide." if widths else "")]
+        if params.evaluate.max_windows is not None:
+            lines[-1] += (f" This is a reduced protocol ({params.evaluate.max_windows} windows per text, "
+                          f"{params.calibration.nsamples} × {params.calibration.seqlen} calibration tokens): the "
+                          "full protocol (every window, 128 × 2048 calibration tokens) is in reports/RESULTS.md "
+                          "of the project.")
     lines += [
         "",
         f"Overall sparsity of the decoder linears: {pruned['overall_sparsity']:.4f} "
