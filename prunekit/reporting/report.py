@@ -38,9 +38,11 @@ def write_report(params: Params, per_model: dict[str, dict], pruned: dict, sched
     metrics = {v: m["ppl"] for v, m in evaluated.items()}
     metrics["ci95"] = {v: {d: dict(zip(("lo", "hi"), ci)) for d, ci in m["ppl_ci95"].items()}
                        for v, m in evaluated.items() if "ppl_ci95" in m}
-    metrics["ratios"] = {f"{a}/{b}": {d: dict(zip(("ratio", "lo", "hi"), _ratio_bounds(evaluated[a], evaluated[b], d)))
-                                      for d in evaluated[a]["ppl"]}
-                         for a, b in COMPARISONS if {a, b} <= evaluated.keys()}
+    ratios = {(a, b): {d: ratio_interval(evaluated[a]["details"][d]["window_nll"], evaluated[b]["details"][d]["window_nll"])
+                       for d in evaluated[a]["ppl"]}
+              for a, b in COMPARISONS if {a, b} <= evaluated.keys()}
+    metrics["ratios"] = {f"{a}/{b}": {d: dict(zip(("ratio", "lo", "hi"), r)) for d, r in per_text.items()}
+                         for (a, b), per_text in ratios.items()}
     metrics["sparsity"] = {"target": schedule["target"], "achieved": pruned["overall_sparsity"]}
     if exported:
         metrics["export"] = exported["ratios_vs_fp16"]
@@ -51,7 +53,7 @@ def write_report(params: Params, per_model: dict[str, dict], pruned: dict, sched
     runs = _record_run(params, evaluated, pruned, exported, reports / "runs.csv", machine)
     same = runs[(runs["model"] == params.model.name) & (runs["protocol"] == _protocol_key(params))]
     plots.ppl_vs_sparsity(same, list(params.evaluate.datasets), reports / "plots" / "ppl_vs_sparsity.png")
-    write_atomic(reports / "report.md", _markdown(params, evaluated, pruned, schedule, exported, same, machine,
+    write_atomic(reports / "report.md", _markdown(params, evaluated, ratios, pruned, schedule, exported, same, machine,
                                                          (store_attrs or {}).get("made_on")))
     params_file = artifacts.get("params_file")
     record = provenance.build(reports.parent, artifacts, params.model_dump(mode="json"), {
@@ -109,16 +111,12 @@ def _with_interval(metrics: dict, dataset: str) -> str:
     return f"{ppl:.2f}" if lo is None else f"{ppl:.2f} [{lo:.1f}, {hi:.1f}]"
 
 
-def _ratio_bounds(a: dict, b: dict, dataset: str) -> tuple[float, float, float]:
-    return ratio_interval(a["details"][dataset]["window_nll"], b["details"][dataset]["window_nll"])
-
-
-def _ratio(a: dict, b: dict, dataset: str) -> str:
-    ratio, lo, hi = _ratio_bounds(a, b, dataset)
+def _ratio(bounds: tuple[float, float, float]) -> str:
+    ratio, lo, hi = bounds
     return f"{ratio:.3f}× [{lo:.3f}, {hi:.3f}]"
 
 
-def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exported: dict | None = None,
+def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, schedule: dict, exported: dict | None = None,
               runs: pd.DataFrame | None = None, machine: str = "", hessians_made_on: str | None = None) -> str:
     datasets = list(params.evaluate.datasets)
     protocol = next(iter(evaluated.values()))["protocol"]
@@ -156,13 +154,11 @@ def _markdown(params: Params, evaluated: dict, pruned: dict, schedule: dict, exp
     for v, m in evaluated.items():
         lines.append(f"| {labels[v]} | " + " | ".join(_with_interval(m, d) for d in datasets) + " |")
     lines += ["", "| ratio | measures | " + " | ".join(datasets) + " |", "|---|---|" + "---:|" * len(datasets)]
-    for (a, b), what in COMPARISONS.items():
-        what = what.format(allocator=params.schedule.allocator)
-        if {a, b} <= evaluated.keys():
-            lines.append(f"| {a} / {b} | {what} | " + " | ".join(
-                _ratio(evaluated[a], evaluated[b], d) for d in datasets) + " |")
-    if {"pruned", "uniform"} <= evaluated.keys():
-        shown = [d for d in datasets if _ratio_bounds(evaluated["pruned"], evaluated["uniform"], d)[2] < 1]
+    for (a, b), per_text in ratios.items():
+        what = COMPARISONS[a, b].format(allocator=params.schedule.allocator)
+        lines.append(f"| {a} / {b} | {what} | " + " | ".join(_ratio(per_text[d]) for d in datasets) + " |")
+    if ("pruned", "uniform") in ratios:
+        shown = [d for d in datasets if ratios["pruned", "uniform"][d][2] < 1]
         pruned_ppl = evaluated["pruned"]
         widths = [(hi - lo) / 2 / pruned_ppl["ppl"][d] for d, (lo, hi) in pruned_ppl.get("ppl_ci95", {}).items()]
         lines += ["", (f"On these windows the schedule's gain over uniform pruning is shown on {', '.join(shown)}."
