@@ -256,7 +256,7 @@ CASES = {
     "unknown evaluation dataset": Case("evaluate", {"evaluate": {"datasets": ["imagenet"]}},
                                        "unknown evaluation dataset 'imagenet'", "reports/metrics/dense.json",
                                        args=("dense",)),
-    "unknown model variant": Case("evaluate", {}, "needs one of dense, pruned, compressed, got 'bogus'", "reports/metrics", args=("bogus",)),
+    "unknown model variant": Case("evaluate", {}, "needs one of dense, quantized, uniform, pruned, compressed, got 'bogus'", "reports/metrics", args=("bogus",)),
 }
 
 

@@ -56,7 +56,8 @@ def test_full_then_partial_rerun_then_noop(repo):
     params["prune"]["sparsity"] = 0.6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     second = _ran(_sh(["dvc", "repro"], repo).stdout)
-    assert second == {"schedule", "prune", "quantize", "export", "evaluate@pruned", "evaluate@compressed", "report"}
+    assert second == {"schedule", "prune", "quantize", "export", "baseline@uniform", "evaluate@uniform", "evaluate@pruned",
+                      "evaluate@compressed", "report"}
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
 
