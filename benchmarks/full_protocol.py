@@ -82,6 +82,13 @@ CONFIGS = {
                           {"bits": 4, "groupsize": 128, "joint": True}, {}),
     "sgpt70q4g128jointmse": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential",
                              {"bits": 4, "groupsize": 128, "mse": True, "joint": True}, {}),
+    # the quantize stage's settings (mse, act order, static groups of 128), asymmetric and symmetric grid
+    "gptq4g128ao": ("none", 0.0, "unstructured", "uniform", "sequential",
+                    {"bits": 4, "groupsize": 128, "mse": True, "act_order": True}, {}),
+    "gptq4g128aosym": ("none", 0.0, "unstructured", "uniform", "sequential",
+                       {"bits": 4, "groupsize": 128, "mse": True, "act_order": True, "sym": True}, {}),
+    "sgpt70+q4g128aosym": ("sparsegpt", 0.7, "unstructured", "uniform", "sequential",
+                           {"bits": 4, "groupsize": 128, "mse": True, "act_order": True, "sym": True}, {}),
     "gptq4g128mse": ("none", 0.0, "unstructured", "uniform", "sequential", {"bits": 4, "groupsize": 128, "mse": True}, {}),
     "wanda70": ("wanda", 0.7, "unstructured", "uniform", "sequential", None, {}),
     "owl70": ("sparsegpt", 0.7, "unstructured", "owl", "sequential", None, {}),

@@ -87,7 +87,7 @@ class SensitivityParams(_Section):
 class SearchParams(_Section):
     """Evolutionary search of per-unit sparsity levels scored on calibration windows (prunekit.search)."""
 
-    generations: int = Field(6, ge=0)
+    generations: int = Field(4, ge=0)
     offspring: int = Field(6, ge=1)
     survivors: int = Field(2, ge=1)
     max_mutations: int = Field(3, ge=1)
@@ -171,7 +171,7 @@ class QuantizeParams(_Section):
     enabled: bool = True
     bits: int = Field(4, ge=2, le=8)
     groupsize: int | None = Field(128, ge=1)
-    sym: bool = False
+    sym: bool = True  # symmetric grid (z = 2^(bits-1)): the form transformers loads from compressed-tensors
     act_order: bool = True
     mse: bool = True  # grid range searched per row/group for the least |x - q|^2.4 (GPTQ's mse)
     blocksize: int = Field(128, ge=1)
@@ -183,6 +183,12 @@ class EvaluateParams(_Section):
     seqlen: int = Field(256, gt=1)
     # None = every window of the text (the full protocol); an int caps it for quick CPU runs.
     max_windows: int | None = Field(4, ge=1)
+
+
+class ExportParams(_Section):
+    # The deployable forms' dtype: bf16, in which Gemma-3 and most current models are released
+    # (fp16 overflows Gemma's activations); float16 for fp16 models; float32 for the exact weights.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
 class RuntimeParams(_Section):
@@ -223,6 +229,7 @@ class Params(_Section):
     prune: PruneParams = PruneParams()
     quantize: QuantizeParams = QuantizeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")

@@ -137,11 +137,20 @@ def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, mo
 
     ids = torch.randint(4, 500, (2, 40), generator=torch.Generator().manual_seed(0))
     reference = _logits(final, ids)
-    assert summary["hf_dir"] == str(final.relative_to(tmp_path))  # the HF form is the pipeline's folder
-    assert set(summary["hf_sha256"]) == {"model.safetensors"}
+    assert set(summary["source_sha256"]) == {"model.safetensors"}
+
+    # The HF form: bf16, the pipeline's weights rounded to bf16, every zero kept, its tokenizer along.
+    stored, hf = _stored(final), _stored(out / "hf")
+    assert set(hf) == set(stored) and json.loads((out / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    for name, t in stored.items():
+        assert hf[name].dtype == torch.bfloat16 and torch.equal(hf[name], t.to(torch.bfloat16)), name
+        assert torch.equal(hf[name] == 0, t == 0), name
+    assert summary["forms"]["hf"]["bytes"] < 0.55 * summary["bytes"]["stored_files"]
+    torch.testing.assert_close(_logits(out / "hf", ids), reference, rtol=0, atol=0.1)
+    assert (out / "hf" / "tokenizer.json").is_file()
+    assert ("compressed_tensors" in summary["forms"]) == quantized
 
     # The packed form: quantized linears come back bit-identical; the rest is fp16.
-    stored = _stored(final)
     restored = packing.load_packed(out / "packed")
     assert set(restored) == set(stored)
     linears = [n for n, e in json.loads((out / "packed" / packing.MANIFEST).read_text())["tensors"].items()
@@ -196,3 +205,61 @@ def test_a_model_folder_appears_with_its_extra_files_or_not_at_all(tmp_path, tin
     assert not (out / "qparams.safetensors").exists()
     save_model(model, tokenizer, out, extra={"run": 3}, more_files=lambda folder: (folder / "grids").write_text("g"))
     assert (out / "grids").read_text() == "g" and json.loads((out / "prunekit.json").read_text()) == {"run": 3}
+
+
+LOAD_WITHOUT_PRUNEKIT = """
+import json, math, sys
+sys.modules["prunekit"] = None  # what a user without prunekit has: importing it fails
+import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+kwargs = {} if sys.argv[3] == "default" else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+with torch.no_grad():
+    nll = model(input_ids=ids, labels=ids).loss.item()
+from safetensors import safe_open
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+name = "model.layers.0.self_attn.q_proj"
+weight = model.get_submodule(name).weight
+with safe_open(f"{folder}/model.safetensors", "pt") as f:  # the grid as stored
+    scale = f.get_tensor(name + ".weight_scale").float()
+    zero = torch.zeros_like(scale)
+    if name + ".weight_zero_point" in f.keys():
+        zero = unpack_from_int32(f.get_tensor(name + ".weight_zero_point"), 4, scale.shape, packed_dim=0).float()
+scale, zero = (t.repeat_interleave(weight.shape[1] // t.shape[1], dim=1) for t in (scale, zero))
+codes = (weight.float() / scale + zero).round()  # on the grid: (code - zero) * scale, rounded to bf16
+print(json.dumps({"ppl": math.exp(nll), "dtype": str(weight.dtype), "zeros": int((weight == 0).sum()),
+                  "on_grid": torch.equal(weight, ((codes - zero) * scale).to(weight.dtype)),
+                  "codes": [codes.min().item(), codes.max().item()]}))
+"""
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_form_loads_without_prunekit(sym, tiny_models, tmp_path, monkeypatch):
+    """The W4A16 folder loads in a fresh process with transformers + compressed-tensors and no
+    prunekit (symmetric grid: the default path; asymmetric: with dequantize=True, as
+    transformers requires), its perplexity is the pipeline's within 0.5%, its first linear is on
+    the grid with the pipeline's zeros."""
+    import math
+    import subprocess
+    import sys
+
+    paths = run_stages(tmp_path, tiny_models["llama"], monkeypatch, quantize={"groupsize": 32, "sym": sym})
+    ids = torch.randint(4, 500, (2, 48), generator=torch.Generator().manual_seed(2))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(paths.compressed, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    zeros = int((model.model.layers[0].self_attn.q_proj.weight == 0).sum())
+    folder = paths.export / "compressed-tensors"
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PRUNEKIT, str(folder), json.dumps(ids.tolist()),
+                           "default" if sym else "dequantize"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["dtype"] == "torch.bfloat16"
+    assert abs(got["ppl"] / expected - 1) < 0.005, (got, expected)
+    assert got["zeros"] == zeros > 0
+    assert got["on_grid"] and -8 <= got["codes"][0] and got["codes"][1] <= (7 if sym else 15)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["symmetric"] == sym

@@ -113,12 +113,12 @@ def _compare_arrays(pairs, rel_tolerance: float) -> tuple[str, str]:
 
 
 def _safetensors(a: Path, b: Path):
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file  # numpy has no bfloat16: floats compared as float32
 
     ta, tb = load_file(a), load_file(b)
     if ta.keys() != tb.keys():
         raise KeyError(f"other tensors: {sorted(set(ta) ^ set(tb))[:3]}")
-    return [(k, ta[k], tb[k]) for k in sorted(ta) if np.issubdtype(ta[k].dtype, np.floating)]
+    return [(k, ta[k].float().numpy(), tb[k].float().numpy()) for k in sorted(ta) if ta[k].is_floating_point()]
 
 
 def _zarr_arrays(a: Path, b: Path):

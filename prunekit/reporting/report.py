@@ -191,17 +191,7 @@ def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, sched
     lines += ["", "(block sparsity is parameter-weighted over its linears; reports/schedule.csv has every linear.)", "",
               "![sparsity per block](plots/schedule.png)", "", "![estimated loss](plots/estimated_loss.png)", ""]
     if exported:
-        b, r = exported["bytes"], exported["ratios_vs_fp16"]
-        lines += [
-            "## Export", "",
-            f"HF form: `{exported['hf_dir']}/` (safetensors, fp32, pruned weights stored as zeros). Packed form: "
-            f"`{exported['packed_dir']}/` (bitmask of nonzeros + {exported['format']['values']}; other tensors "
-            f"fp16; `prunekit.packing.load_packed` reads it back). Measured sizes:", "",
-            "| | bytes | vs fp16 |", "|---|---:|---:|",
-            f"| decoder linears, packed | {b['packed_linears']:,} | {r['linears']:.3f} |",
-            f"| whole packed file | {b['packed_file']:,} | {r['model_file']:.3f} |",
-            f"| stored HF model (fp32) | {b['stored_files']:,} | {b['stored_files'] / b['fp16_tensors']:.3f} |", "",
-        ]
+        lines += export_section(exported)
     if runs is not None and len(runs):
         datasets = list(params.evaluate.datasets)
         lines += [
@@ -226,3 +216,20 @@ def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, sched
         "`reports/provenance.json`; `prunekit audit` re-hashes the artifacts and lists what changed.", "",
     ]
     return "\n".join(lines)
+
+
+def export_section(exported: dict) -> list[str]:
+    """The export's forms with their sizes, against fp16 tensors and the file the run started from."""
+    b, src = exported["bytes"], exported.get("source_bytes")
+    rows = [(f"`{name.replace('_', '-')}/` ({form['dtype']})", form["bytes"]) for name, form in exported["forms"].items()]
+    rows += [(f"`packed/` ({exported['format']['values']})", b["packed_file"]),
+             ("the pipeline's folder (fp32)", b["stored_files"])]
+    lines = ["## Export", "",
+             f"`{exported['packed_dir'].rsplit('/', 1)[0]}/`: every form holds config and tokenizer; its README.md says"
+             " how each loads (`hf/` and `compressed-tensors/` with transformers alone, `packed/` with prunekit).", "",
+             "| form | bytes | vs fp16 tensors | vs source file |", "|---|---:|---:|---:|"]
+    for label, size in rows:
+        vs_src = f"{size / src:.3f}" if src else "–"
+        lines.append(f"| {label} | {size:,} | {size / b['fp16_tensors']:.3f} | {vs_src} |")
+    lines += ["", f"Source file: {src:,} bytes." if src else "Source file: not on disk (a hub id).", ""]
+    return lines

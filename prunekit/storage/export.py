@@ -29,25 +29,43 @@ from .packing import MANIFEST, QPARAMS, WEIGHTS, PackedWriter, PackingError, loa
 log = logging.getLogger(__name__)
 
 
-def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root: Path) -> dict:
-    """Pack the model folder `source` (quantized with the `quant` params, or only pruned)
-    into out/packed/, with out/export.json and out/README.md; the folder appears whole or not
-    at all. Paths in the summary are relative to `root`. Returns the summary."""
-    if quant is not None and not (source / QPARAMS).is_file():
-        raise ConfigError(f"{source} has no {QPARAMS} (quantized before the stage saved its grids): "
-                          "rerun `dvc repro -f quantize`")
+def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root: Path,
+                 dtype: str = "bfloat16", source_bytes: int | None = None) -> dict:
+    """The model folder `source` (quantized with the `quant` params, or only pruned) in its
+    deployable forms: out/hf/ (`dtype`), out/compressed-tensors/ (when quantized) and
+    out/packed/, with out/export.json and out/README.md; the folder appears whole or not at
+    all. Paths in the summary are relative to `root`; `source_bytes`: the size of the file the
+    run started from, for the size ratios. Returns the summary."""
+    from .hf_forms import write_compressed_tensors, write_hf
+
+    grids = None
+    if quant is not None:
+        if not (source / QPARAMS).is_file():
+            raise ConfigError(f"{source} has no {QPARAMS} (quantized before the stage saved its grids): "
+                              "rerun `dvc repro -f quantize`")
+        grids = load_grids(source / QPARAMS)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    summary = _pack(source, tmp / "packed", quant)
-    hf_dir = str(source.relative_to(root))
-    summary = {"model": name, "source": hf_dir, "quantized": quant is not None, "hf_dir": hf_dir,
-               "hf_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
-               "packed_dir": str((out / "packed").relative_to(root)), **summary}
+    try:
+        forms = {"hf": write_hf(source, tmp / "hf", dtype)}
+        if quant is not None:
+            forms["compressed_tensors"] = write_compressed_tensors(source, tmp / "compressed-tensors", grids, quant,
+                                                                   dtype)
+        summary = _pack(source, tmp / "packed", quant, grids)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    src = str(source.relative_to(root))
+    summary = {"model": name, "source": src, "quantized": quant is not None,
+               "source_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
+               "source_bytes": source_bytes, "forms": forms, "packed_dir": str((out / "packed").relative_to(root)), **summary}
     write_json(tmp / "export.json", summary)
     write_atomic(tmp / "README.md", _readme(summary))
     replace_dir(tmp, out)
     r = summary["ratios_vs_fp16"]
-    log.info("packed export: decoder linears %.3fx fp16, whole model file %.3fx fp16", r["linears"], r["model_file"])
+    log.info("export: %s; packed decoder linears %.3fx fp16, whole packed file %.3fx fp16",
+             ", ".join(f"{n} {f['bytes'] / 1e6:.1f} MB" for n, f in summary["forms"].items()), r["linears"],
+             r["model_file"])
     return summary
 
 
@@ -84,14 +102,13 @@ def read_batches(names: Iterable[str], model_type: str) -> list[list[str]]:
     return [layers[i] for i in sorted(layers)] + rest
 
 
-def _pack(source: Path, out: Path, quant: dict | None) -> dict:
+def _pack(source: Path, out: Path, quant: dict | None, grids: dict | None) -> dict:
     """Pack the model in `source` into `out`, read it back, and measure sizes; one batch of
     tensors (`read_batches`) in memory at a time."""
     config = read_json(source / "config.json")
     reader = CheckpointReader(source)
     linears = set(decoder_linears(reader.weight_map, config["model_type"]))
     batches = read_batches(reader.weight_map, config["model_type"])
-    grids = load_grids(source / QPARAMS) if quant is not None else None
     bits, groupsize = (quant["bits"], quant["groupsize"]) if quant is not None else (4, None)
     log.info("packing %d decoder linears (%s) and %d other tensors", len(linears),
              f"{bits}-bit codes" if quant else "fp16 values", len(reader.weight_map) - len(linears))
@@ -128,26 +145,27 @@ def _pack(source: Path, out: Path, quant: dict | None) -> dict:
 
 
 def _readme(s: dict) -> str:
-    b, r = s["bytes"], s["ratios_vs_fp16"]
-    return f"""# Export of {s['model']}
-
-Made by the `export` stage from `{s['source']}` ({'pruned + quantized' if s['quantized'] else 'pruned'}).
-
-- HF form: `{s['hf_dir']}/`, the model as evaluated (fp32 safetensors, pruned weights stored as
-  zeros, config, tokenizer): `AutoModelForCausalLM.from_pretrained("{s['hf_dir']}")`. Not copied
-  here; `export.json` records the sha256 of its weight files.
-- `packed/`: {s['format']['linears']} decoder linears as a bitmask of nonzeros + {s['format']['values']};
-  every other tensor fp16. `manifest.json` says how each tensor is stored. Read it back with
-  `prunekit.storage.packing.load_packed("packed")` (a state dict) or
-  `prunekit unpack packed unpacked` (an HF folder; the tokenizer is in the HF form).
-  {'Quantized linears read back bit-identical to the fp32 weights of the HF form.' if s['quantized'] else
-   'Linear values are fp16-rounded copies of the fp32 weights of the HF form.'}
-
-| | bytes | vs fp16 |
-|---|---:|---:|
-| decoder linears, packed | {b['packed_linears']:,} | {r['linears']:.3f} |
-| whole packed file | {b['packed_file']:,} | {r['model_file']:.3f} |
-| stored model (fp32 safetensors) | {b['stored_files']:,} | {b['stored_files'] / b['fp16_tensors']:.3f} |
-
-Density of the decoder linears: {s['linear_density']:.4f} (fp16 = 2 bytes per weight).
-"""
+    b, r, forms = s["bytes"], s["ratios_vs_fp16"], s["forms"]
+    hf = forms["hf"]
+    lines = [f"# Export of {s['model']}", "",
+             f"Made by the `export` stage from `{s['source']}` ({'pruned + quantized' if s['quantized'] else 'pruned'}).",
+             "Each folder holds config, generation config and tokenizer: it needs nothing else.", "",
+             f"- `hf/`: {hf['dtype']} safetensors, pruned weights stored as exact zeros"
+             f"{', quantized ones as their grid values' if s['quantized'] else ''}: "
+             "`AutoModelForCausalLM.from_pretrained(\"hf\")`."]
+    if "compressed_tensors" in forms:
+        ct = forms["compressed_tensors"]
+        lines.append(f"- `compressed-tensors/`: W4A16 `{ct['format']}` (compressed-tensors {ct['compressed_tensors']}),"
+                     f" scales in {ct['dtype']}; with `pip install compressed-tensors`: `{ct['loads_with']}`"
+                     " (vLLM serves this format too).")
+    lines += [f"- `packed/`: {s['format']['linears']} decoder linears as a bitmask of nonzeros + {s['format']['values']};"
+              " every other tensor fp16. Read it back with `prunekit.storage.packing.load_packed(\"packed\")` (a state"
+              " dict) or `prunekit unpack packed unpacked` (an HF folder; the tokenizer is in `hf/`).", "",
+              "| form | bytes | vs fp16 tensors |", "|---|---:|---:|"]
+    lines += [f"| {name.replace('_', '-')} | {f['bytes']:,} | {f['bytes'] / b['fp16_tensors']:.3f} |"
+              for name, f in forms.items()]
+    lines += [f"| packed (decoder linears only) | {b['packed_linears']:,} | {r['linears']:.3f} |",
+              f"| packed (whole file) | {b['packed_file']:,} | {r['model_file']:.3f} |",
+              f"| pipeline's folder (fp32) | {b['stored_files']:,} | {b['stored_files'] / b['fp16_tensors']:.3f} |", "",
+              f"Density of the decoder linears: {s['linear_density']:.4f} (fp16 = 2 bytes per weight).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""The final model in the forms people serve, written from its saved folder one decoder layer at
+a time (memory holds about one layer, never the model):
+
+- `write_hf`: an HF folder in a 16-bit dtype (bf16 for Gemma-3), pruned zeros exact (0 is exact
+  in every float dtype), with config, generation config and tokenizer: `from_pretrained` loads it.
+- `write_compressed_tensors`: W4A16 through the compressed-tensors library ("pack-quantized":
+  int codes packed into int32, one scale per group of `groupsize` input columns, no activation
+  quantization), loaded by transformers with compressed-tensors installed and no prunekit.
+
+GPTQ's grid maps onto compressed-tensors' exactly: our code q = round(w / s) + z in [0, 2^b − 1]
+is its signed code q − 2^(b−1) with zero point z − 2^(b−1); a symmetric grid has z = 2^(b−1), so
+compressed-tensors' symmetric form (no zero point) holds it. Scales are stored in the export
+dtype, as compressed-tensors' own checkpoints do; dequantized weights then differ from the
+pipeline's fp32 ones by that rounding only, and pruned weights (code q = z) stay exactly zero.
+transformers loads asymmetric zero points only with `CompressedTensorsConfig(dequantize=True)`
+(llm-compressor #1618): the export says so in its summary when the grid is asymmetric.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import read_json, write_json
+from ..config import ConfigError
+from .checkpoint import SINGLE_FILE, CheckpointReader, TensorFileWriter
+from .export import decoder_linears, read_batches
+from .packing import Grid
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# what travels with the weights: everything from_pretrained and the tokenizer read
+COMPANION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _companions(source: Path, out: Path, dtype: str) -> dict:
+    """Copy config, generation config and tokenizer files; config.json names `dtype`. Returns the config."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in COMPANION_FILES[1:]:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    if not (out / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{source} has no tokenizer files; the exported model would not be self-contained")
+    config = read_json(source / "config.json")
+    config.pop("torch_dtype", None)
+    config["dtype"] = dtype
+    write_json(out / "config.json", config)
+    return config
+
+
+def write_hf(source: Path, out: Path, dtype: str) -> dict:
+    """The model folder `source` as an HF folder in `dtype` at `out` (created; the caller publishes it)."""
+    config = _companions(source, out, dtype)
+    reader, cast = CheckpointReader(source), DTYPES[dtype]
+    writer = TensorFileWriter(out / SINGLE_FILE, metadata={"format": "pt"})
+    for batch in tqdm(read_batches(reader.weight_map, config["model_type"]), desc=f"hf {dtype}", unit="part"):
+        for name, t in reader.read(batch).items():
+            writer.write(name, t.to(cast) if t.is_floating_point() else t)
+    writer.close()
+    return {"dir": out.name, "dtype": dtype, "bytes": _bytes(out)}
+
+
+def quantization_scheme(quant: dict):
+    """The compressed-tensors scheme of a GPTQ grid (quantize params): int weights, groups along
+    the input columns, symmetric or not; activations stay in the model's dtype (W·A16)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if quant["groupsize"] is None:
+        args = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"], strategy="channel")
+    else:
+        args = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"], strategy="group",
+                                group_size=quant["groupsize"])
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def write_compressed_tensors(source: Path, out: Path, grids: dict[str, Grid], quant: dict, dtype: str) -> dict:
+    """The quantized model folder `source` (its GPTQ grids {weight name: (scales, zeros)}, made with the `quant` params)
+    as a compressed-tensors "pack-quantized" HF folder in `dtype` at `out`."""
+    import compressed_tensors
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    scheme, cast = quantization_scheme(quant), DTYPES[dtype]
+    offset = 2 ** (quant["bits"] - 1)  # our unsigned codes -> compressed-tensors' signed ones
+    config = _companions(source, out, dtype)
+    reader = CheckpointReader(source)
+    linears = set(decoder_linears(reader.weight_map, config["model_type"]))
+    writer = TensorFileWriter(out / SINGLE_FILE, metadata={"format": "pt"})
+    for batch in tqdm(read_batches(reader.weight_map, config["model_type"]), desc="compressed-tensors", unit="part"):
+        for name, t in reader.read(batch).items():
+            if name not in linears:
+                writer.write(name, t.to(cast) if t.is_floating_point() else t)
+                continue
+            module = name.removesuffix(".weight")
+            scales, zeros = grids[name]
+            state = {"weight": t, "weight_scale": scales.to(torch.float32)}
+            if not quant["sym"]:
+                state["weight_zero_point"] = (zeros - offset).to(torch.int8)
+            elif not bool((zeros == offset).all()):
+                raise ConfigError(f"{module}: a symmetric grid has zero point {offset}; the grids do not match "
+                                  "quantize.sym (rerun `dvc repro -f quantize`)")
+            for key, value in PackedQuantizationCompressor.compress(state, scheme).items():
+                value = value.to(cast) if key == "weight_scale" else value
+                writer.write(f"{module}.{key}", value.contiguous())
+    writer.close()
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                 quantization_status=QuantizationStatus.COMPRESSED,
+                                 ignore=["lm_head"])
+    ModelCompressor(quantization_config=qconfig).update_config(str(out))
+    return {"dir": out.name, "dtype": dtype, "format": "pack-quantized", "bytes": _bytes(out),
+            "compressed_tensors": compressed_tensors.__version__,
+            "loads_with": "AutoModelForCausalLM.from_pretrained(dir)" if quant["sym"] else
+            "AutoModelForCausalLM.from_pretrained(dir, quantization_config=CompressedTensorsConfig(dequantize=True))"}
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
