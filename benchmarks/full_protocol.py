@@ -133,13 +133,18 @@ CONFIGS.update({f"search{round(100 * t)}lw32": ("sparsegpt", t, "unstructured", 
 EVAL_TEXTS = ("wikitext2", "c4", "wikitext2-valid")
 
 
+# What a config's quantization means unless it says otherwise (the names say "mse", "ao", "sym"),
+# fixed here so that a config keeps its meaning when QuantizeParams' defaults change.
+QUANT_BASE = {"sym": False, "act_order": False, "mse": False}
+
+
 def quant_fields(quant) -> dict:
     if not quant:
         return {}
     if isinstance(quant, dict):
-        return dict(quant)
+        return {**QUANT_BASE, **quant}
     bits, groupsize = quant if isinstance(quant, tuple) else (quant, None)
-    return {"bits": bits, "groupsize": groupsize}
+    return {**QUANT_BASE, "bits": bits, "groupsize": groupsize}
 
 
 def prepare(args) -> None:

@@ -171,7 +171,7 @@ class QuantizeParams(_Section):
     enabled: bool = True
     bits: int = Field(4, ge=2, le=8)
     groupsize: int | None = Field(128, ge=1)
-    sym: bool = True  # symmetric grid (z = 2^(bits-1)): the form transformers loads from compressed-tensors
+    sym: bool = False  # asymmetric min-max grid; True: z = 2^(bits-1), what transformers loads from compressed-tensors
     act_order: bool = True
     mse: bool = True  # grid range searched per row/group for the least |x - q|^2.4 (GPTQ's mse)
     blocksize: int = Field(128, ge=1)

@@ -227,9 +227,11 @@ def export_section(exported: dict) -> list[str]:
     lines = ["## Export", "",
              f"`{exported['packed_dir'].rsplit('/', 1)[0]}/`: every form holds config and tokenizer; its README.md says"
              " how each loads (`hf/` and `compressed-tensors/` with transformers alone, `packed/` with prunekit).", "",
-             "| form | bytes | vs fp16 tensors | vs source file |", "|---|---:|---:|---:|"]
+             "| form | bytes on disk | vs fp16 tensors | vs source file |", "|---|---:|---:|---:|"]
     for label, size in rows:
         vs_src = f"{size / src:.3f}" if src else "–"
         lines.append(f"| {label} | {size:,} | {size / b['fp16_tensors']:.3f} | {vs_src} |")
-    lines += ["", f"Source file: {src:,} bytes." if src else "Source file: not on disk (a hub id).", ""]
+    lines += ["", (f"Source file: {src:,} bytes. " if src else "Source file: not on disk (a hub id). ") +
+              "The hf/ and compressed-tensors/ folders' bytes include their tokenizer and config; packed/ is its"
+              " weights file (its tokenizer is in hf/).", ""]
     return lines

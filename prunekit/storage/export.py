@@ -157,7 +157,7 @@ def _readme(s: dict) -> str:
         ct = forms["compressed_tensors"]
         lines.append(f"- `compressed-tensors/`: W4A16 `{ct['format']}` (compressed-tensors {ct['compressed_tensors']}),"
                      f" scales in {ct['dtype']}; with `pip install compressed-tensors`: `{ct['loads_with']}`"
-                     " (vLLM serves this format too).")
+                     ".")
     lines += [f"- `packed/`: {s['format']['linears']} decoder linears as a bitmask of nonzeros + {s['format']['values']};"
               " every other tensor fp16. Read it back with `prunekit.storage.packing.load_packed(\"packed\")` (a state"
               " dict) or `prunekit unpack packed unpacked` (an HF folder; the tokenizer is in `hf/`).", "",
