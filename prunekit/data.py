@@ -138,3 +138,38 @@ def read_calibration(path) -> tuple[torch.Tensor, dict]:
         raise ConfigError(f"{path} is not a calibration file written by the calibrate stage "
                           f"({type(exc).__name__}); rerun the calibrate stage") from None
     return windows, meta
+
+
+def write_token_streams(path, streams: dict[str, torch.Tensor], meta: dict) -> None:
+    """Whole tokenized texts {name: ids} as parquet (one row a text) with `meta` attached, so
+    that stages which score them need neither the texts nor the tokenizer."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .artifacts import write_atomic
+
+    table = pa.table({"name": pa.array(list(streams)),
+                      "input_ids": pa.array([ids.tolist() for ids in streams.values()], type=pa.list_(pa.int32()))})
+    table = table.replace_schema_metadata({"prunekit": json.dumps(meta, sort_keys=True)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def read_token_streams(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """({name: ids int64}, meta) as written by write_token_streams."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"prunekit"])
+        streams = {name: torch.tensor(ids, dtype=torch.long)
+                   for name, ids in zip(table.column("name").to_pylist(), table.column("input_ids").to_pylist())}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a token file written by the calibrate stage "
+                          f"({type(exc).__name__}); rerun the calibrate stage") from None
+    return streams, meta

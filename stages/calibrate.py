@@ -1,11 +1,22 @@
-"""calibrate: calibration text -> data/calib/<model>__<calib>.parquet (token windows + fingerprint)."""
+"""calibrate: calibration text -> data/calib/<model>__<calib>.parquet (token windows + fingerprint),
+and the evaluation texts (evaluate.datasets) tokenized once -> data/calib/<model>__eval.parquet,
+which every evaluate stage reads (no tokenizer or text to load there)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prunekit.artifacts import fingerprint, folder_fingerprint
 from prunekit.config import ConfigError, Params
-from prunekit.data import C4_EVAL_DOCS, WIKITEXT, bos_id, calibration_windows, load_text, tokenize, write_calibration
+from prunekit.data import (
+    C4_EVAL_DOCS,
+    WIKITEXT,
+    bos_id,
+    calibration_windows,
+    load_text,
+    tokenize,
+    write_calibration,
+    write_token_streams,
+)
 from prunekit.models import load_tokenizer, max_positions
 from stages.common import Paths, log
 
@@ -44,3 +55,7 @@ def run(params: Params, step) -> None:
         "text_tokens": len(ids),
     }
     write_calibration(paths.calib, windows, meta)
+    streams = {name: tokenize(load_text(name), tokenizer) for name in params.evaluate.datasets}
+    log.info("evaluation texts: %s", ", ".join(f"{name} {len(ids)} tokens" for name, ids in streams.items()))
+    # only what the tokens depend on: calibration params leave this file (and the evaluations) as they are
+    write_token_streams(paths.eval_tokens, streams, {"bos": bos, "tokenizer": folder_fingerprint(paths.model, "tokenizer*")})

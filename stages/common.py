@@ -29,6 +29,7 @@ class Paths:
 
     model: Path
     calib: Path
+    eval_tokens: Path
     hessians: Path
     estimates: Path
     sensitivity: Path
@@ -49,6 +50,7 @@ class Paths:
         return cls(
             model=data / "models" / m,
             calib=data / "calib" / f"{m}__{c}.parquet",
+            eval_tokens=data / "calib" / f"{m}__eval.parquet",
             hessians=data / "hessians" / f"{m}__{c}.zarr",
             estimates=data / "estimates" / f"{m}.parquet",
             sensitivity=data / "sensitivity" / f"{m}__{c}.parquet",
@@ -101,6 +103,26 @@ def tokenizer_of(model_dir: Path):
     from prunekit.models import load_tokenizer
 
     return load_tokenizer(str(model_dir))
+
+
+class TokenizerFiles:
+    """The tokenizer files of a prepared model folder, where a stage saves a tokenizer with its
+    output model: `save_pretrained(folder)` copies them as they are (parsing and re-writing a
+    262k-token vocabulary costs seconds and gives the same tokenizer)."""
+
+    PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
+                "merges.txt")
+
+    def __init__(self, model_dir: Path):
+        self.files = sorted({f for pattern in self.PATTERNS for f in model_dir.glob(pattern) if f.is_file()})
+        if not any(f.name == "tokenizer_config.json" for f in self.files):
+            raise ConfigError(f"{model_dir} has no tokenizer (rerun the prepare_model stage)")
+
+    def save_pretrained(self, folder: Path) -> None:
+        import shutil
+
+        for f in self.files:
+            shutil.copyfile(f, Path(folder) / f.name)
 
 
 def require(*paths: Path) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from prunekit.artifacts import read_json, write_json
 from prunekit.config import ConfigError, Params
-from prunekit.data import WIKITEXT, bos_id
+from prunekit.data import WIKITEXT, read_token_streams
 from prunekit.forward.scoring import evaluate_model, protocol
 from prunekit.models import max_positions, pick_device
 from prunekit.reporting.intervals import ppl_interval
 from stages import common
-from stages.common import Paths, log, open_model, tokenizer_of
+from stages.common import Paths, log, open_model
 
 VARIANTS = common.VARIANTS  # the stage runs once per model (dvc.yaml's foreach)
 
@@ -25,7 +25,7 @@ def check(params: Params) -> None:
 
 
 def needs(paths: Paths, variant: str = "dense") -> list:
-    return [paths.model_dir(variant)]
+    return [paths.model_dir(variant), paths.eval_tokens]
 
 
 def run(params: Params, step, variant: str = "dense") -> None:
@@ -39,18 +39,21 @@ def run(params: Params, step, variant: str = "dense") -> None:
     limit = max_positions(str(model_dir))
     if limit is not None and e.seqlen > limit:
         raise ConfigError(f"evaluate.seqlen {e.seqlen} exceeds the model's limit of {limit} positions")
-    tokenizer = tokenizer_of(model_dir)
+    streams, tokens = read_token_streams(paths.eval_tokens)  # tokenized by the calibrate stage
+    if missing := [name for name in e.datasets if name not in streams]:
+        raise ConfigError(f"{paths.eval_tokens} lacks evaluate.datasets {missing}; rerun the calibrate stage")
     # streamed: the windows go through one decoder layer at a time, read from model_dir's files
     source = open_model(params, model_dir, pick_device(params.runtime.device))
     log.info("evaluating the %s model (%s) on %s: %d-token windows, %s", variant, model_dir, ", ".join(e.datasets),
              e.seqlen, "all windows" if e.max_windows is None else f"at most {e.max_windows} windows")
-    results = evaluate_model(source, tokenizer, e.datasets, e.seqlen, e.max_windows)
+    results = evaluate_model(source, {name: streams[name] for name in e.datasets}, tokens["bos"], e.seqlen,
+                             e.max_windows)
     for name, r in results.items():
         log.info("%s %s ppl %.3f over %d tokens", variant, name, r["ppl"], r["tokens"])
     write_json(out, {
         "model": variant,
         "fingerprint": meta["fingerprint"],
-        "protocol": protocol(e.seqlen, e.max_windows, bos_id(tokenizer) is not None),
+        "protocol": protocol(e.seqlen, e.max_windows, tokens["bos"] is not None),
         "ppl": {name: r["ppl"] for name, r in results.items()},
         # 95% bootstrap over windows (prunekit.reporting.intervals): what the windows say about the text
         "ppl_ci95": {name: list(ppl_interval(r["window_nll"])) for name, r in results.items()},

@@ -15,7 +15,7 @@ from prunekit.data import read_calibration
 from prunekit.models import pick_device
 from prunekit.storage.hessian_store import HessianStore
 from prunekit.storage.packing import QPARAMS, save_grids
-from stages.common import Paths, log, model_fingerprint, open_model, tokenizer_of
+from stages.common import Paths, TokenizerFiles, log, model_fingerprint, open_model
 
 
 def prune_into(params: Params, sparsity: dict[str, float] | float, out_dir: Path, step, schedule: str) -> None:
@@ -43,7 +43,7 @@ def prune_into(params: Params, sparsity: dict[str, float] | float, out_dir: Path
     log.info("pruned to %.4f overall sparsity of the decoder linears (%s schedule)", overall, schedule)
     extra = {"dense_fingerprint": model_fingerprint(paths.model), "prune": p.model_dump(mode="json"),
              "schedule": schedule, "overall_sparsity": overall, "linears": stats}
-    source.save(tokenizer_of(paths.model), extra)
+    source.save(TokenizerFiles(paths.model), extra)
 
 
 def quantize_into(params: Params, model_dir: Path, out_dir: Path, step) -> None:
@@ -70,4 +70,4 @@ def quantize_into(params: Params, model_dir: Path, out_dir: Path, step) -> None:
     # The grids let the export stage store integer codes that read back to these exact weights;
     # written into the folder before it is published, so a model never appears without them.
     grid_tensors = {f"{source.adapter.layers}.{key}.weight": g for key, g in grids.items()}
-    source.save(tokenizer_of(model_dir), extra, more_files=lambda folder: save_grids(folder / QPARAMS, grid_tensors))
+    source.save(TokenizerFiles(model_dir), extra, more_files=lambda folder: save_grids(folder / QPARAMS, grid_tensors))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from ..data import bos_id, eval_windows, load_text, tokenize
+from ..data import eval_windows
 from .head import OutputHead
 from .layerwise import LayerwiseRunner
 
@@ -72,15 +72,12 @@ def perplexity(source: LayerSource, windows: torch.Tensor, desc: str = "ppl") ->
             "window_nll": (sums / predicted).tolist()}
 
 
-def evaluate_model(source: LayerSource, tokenizer, datasets: tuple[str, ...], seqlen: int,
+def evaluate_model(source: LayerSource, streams: dict[str, torch.Tensor], bos: int | None, seqlen: int,
                    max_windows: int | None) -> dict[str, dict]:
-    """Perplexity on each dataset ('wikitext2', 'c4' = C4 documents 0–999, or a text file)."""
-    bos = bos_id(tokenizer)
-    results = {}
-    for name in datasets:
-        windows = eval_windows(tokenize(load_text(name), tokenizer), seqlen, bos, max_windows)
-        results[name] = perplexity(source, windows, desc=f"ppl {name}")
-    return results
+    """Perplexity on each tokenized text {name: ids} ('wikitext2', 'c4' = C4 documents 0–999, or a
+    text file, as the calibrate stage tokenized them), BOS `bos` first in every window."""
+    return {name: perplexity(source, eval_windows(ids, seqlen, bos, max_windows), desc=f"ppl {name}")
+            for name, ids in streams.items()}
 
 
 def protocol(seqlen: int, max_windows: int | None, bos: bool) -> str:
