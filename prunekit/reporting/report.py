@@ -226,7 +226,8 @@ def export_section(exported: dict) -> list[str]:
              ("the pipeline's folder (fp32)", b["stored_files"])]
     lines = ["## Export", "",
              f"`{exported['packed_dir'].rsplit('/', 1)[0]}/`: every form holds config and tokenizer; its README.md says"
-             " how each loads (`hf/` and `compressed-tensors/` with transformers alone, `packed/` with prunekit).", "",
+             " how each loads (`hf/` with transformers, `compressed-tensors/` with transformers + compressed-tensors,"
+             " `packed/` with prunekit).", "",
              "| form | bytes on disk | vs fp16 tensors | vs source file |", "|---|---:|---:|---:|"]
     for label, size in rows:
         vs_src = f"{size / src:.3f}" if src else "–"
