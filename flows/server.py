@@ -11,6 +11,7 @@ PREFECT_API_URL pointing at it, and stops the server afterwards.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,6 +76,12 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
+    if "/" not in argv[0] and shutil.which(argv[0]) is None:
+        beside = Path(sys.executable).parent / argv[0]  # this environment's dvc when its bin is not on PATH
+        if not beside.is_file():
+            print(f"error: {argv[0]} not found (install the project: bash scripts/setup)", file=sys.stderr)
+            return 2
+        argv = [str(beside), *argv[1:]]
     started = time.monotonic()
     with prefect_server() as url:
         print(f"prefect server at {url} (started in {time.monotonic() - started:.1f} s)", file=sys.stderr)
