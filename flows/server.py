@@ -76,16 +76,15 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    if "/" not in argv[0] and shutil.which(argv[0]) is None:
-        beside = Path(sys.executable).parent / argv[0]  # this environment's dvc when its bin is not on PATH
-        if not beside.is_file():
-            print(f"error: {argv[0]} not found (install the project: bash scripts/setup)", file=sys.stderr)
-            return 2
-        argv = [str(beside), *argv[1:]]
+    env = offline_env()
+    # this environment's dvc and prunekit (what dvc.yaml's stages call), also when its bin is not on PATH
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    if shutil.which(argv[0], path=env["PATH"]) is None:
+        print(f"error: {argv[0]} not found (install the project: bash scripts/setup)", file=sys.stderr)
+        return 2
     started = time.monotonic()
     with prefect_server() as url:
         print(f"prefect server at {url} (started in {time.monotonic() - started:.1f} s)", file=sys.stderr)
-        env = offline_env()
         env["PREFECT_API_URL"] = url
         return subprocess.call(argv, env=env)
 
