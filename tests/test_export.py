@@ -2,6 +2,7 @@
 weight is off its grid, the size it saves, and the export stage on tiny models (OPT, LLaMA):
 the packed export reads back to the pipeline model's weights and logits."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -263,3 +264,28 @@ def test_compressed_tensors_form_loads_without_prunekit(sym, tiny_models, tmp_pa
     assert got["on_grid"] and -8 <= got["codes"][0] and got["codes"][1] <= (7 if sym else 15)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["symmetric"] == sym
+
+
+def test_a_grid_compressed_tensors_cannot_hold_or_an_unwritable_output_ends_in_one_line(tiny_models, tmp_path,
+                                                                                         monkeypatch):
+    """Groups of 48 on 128-wide inputs (prunekit's grid allows a narrower last group,
+    compressed-tensors does not), then an output folder that cannot be created: each refusal
+    is one ConfigError line and leaves no export behind, half-written or not."""
+    from prunekit.config import ConfigError, Params
+    from prunekit.steps import call
+    from stages import export, quantize
+
+    with pytest.raises(ConfigError, match="groupsize 48 does not divide the input width 128 of model.layers.0.mlp.down_proj"):
+        run_stages(tmp_path, tiny_models["llama"], monkeypatch, quantize={"groupsize": 48})
+    exports = tmp_path / "data" / "export"
+    assert not exports.exists() or not any(exports.iterdir())
+
+    params = Params.model_validate(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    params = params.model_copy(update={"quantize": params.quantize.model_copy(update={"groupsize": 32})})
+    quantize.run(params, call)
+    shutil.rmtree(exports, ignore_errors=True)
+    exports.write_text("not a folder")  # data/export is a file: nothing can be written under it
+    with pytest.raises(ConfigError, match="export to .* failed") as refused:
+        export.run(params, call)
+    assert "\n" not in str(refused.value)
+    assert exports.read_text() == "not a folder"

@@ -44,29 +44,47 @@ def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root
             raise ConfigError(f"{source} has no {QPARAMS} (quantized before the stage saved its grids): "
                               "rerun `dvc repro -f quantize`")
         grids = load_grids(source / QPARAMS)
+        _check_groups(source, quant)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    src = str(source.relative_to(root))
     try:
         forms = {"hf": write_hf(source, tmp / "hf", dtype)}
         if quant is not None:
             forms["compressed_tensors"] = write_compressed_tensors(source, tmp / "compressed-tensors", grids, quant,
                                                                    dtype)
-        summary = _pack(source, tmp / "packed", quant, grids)
+        summary = {"model": name, "source": src, "quantized": quant is not None,
+                   "source_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
+                   "source_bytes": source_bytes, "forms": forms, "packed_dir": str((out / "packed").relative_to(root)),
+                   **_pack(source, tmp / "packed", quant, grids)}
+        write_json(tmp / "export.json", summary)
+        write_atomic(tmp / "README.md", _readme(summary))
+        replace_dir(tmp, out)
+    except OSError as exc:  # e.g. a read-only or full disk: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"export to {out} failed: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    src = str(source.relative_to(root))
-    summary = {"model": name, "source": src, "quantized": quant is not None,
-               "source_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
-               "source_bytes": source_bytes, "forms": forms, "packed_dir": str((out / "packed").relative_to(root)), **summary}
-    write_json(tmp / "export.json", summary)
-    write_atomic(tmp / "README.md", _readme(summary))
-    replace_dir(tmp, out)
     r = summary["ratios_vs_fp16"]
     log.info("export: %s; packed decoder linears %.3fx fp16, whole packed file %.3fx fp16",
              ", ".join(f"{n} {f['bytes'] / 1e6:.1f} MB" for n, f in summary["forms"].items()), r["linears"],
              r["model_file"])
     return summary
+
+
+def _check_groups(source: Path, quant: dict) -> None:
+    """compressed-tensors holds whole groups only: every decoder linear's input width must be a
+    multiple of quantize.groupsize (prunekit's own grid allows a narrower last group)."""
+    if quant["groupsize"] is None:
+        return
+    reader = CheckpointReader(source)
+    for name in decoder_linears(reader.weight_map, read_json(source / "config.json")["model_type"]):
+        width = reader.header(name)[1][1]
+        if width % quant["groupsize"]:
+            raise ConfigError(f"quantize.groupsize {quant['groupsize']} does not divide the input width {width} of "
+                              f"{name.removesuffix('.weight')}: compressed-tensors stores whole groups only; use a "
+                              "groupsize that divides every input width (e.g. 32, 64, 128)")
 
 
 def _adapter(model_type: str) -> Adapter:
