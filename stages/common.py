@@ -99,12 +99,6 @@ def open_model(params: Params, model_dir: Path, device, out_dir: Path | None = N
     return open_source(model_dir, device, stream=stream, out_dir=out_dir)
 
 
-def tokenizer_of(model_dir: Path):
-    from prunekit.models import load_tokenizer
-
-    return load_tokenizer(str(model_dir))
-
-
 class TokenizerFiles:
     """The tokenizer files of a prepared model folder, where a stage saves a tokenizer with its
     output model: `save_pretrained(folder)` copies them as they are (parsing and re-writing a
