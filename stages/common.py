@@ -104,13 +104,10 @@ class TokenizerFiles:
     output model: `save_pretrained(folder)` copies them as they are (parsing and re-writing a
     262k-token vocabulary costs seconds and gives the same tokenizer)."""
 
-    PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
-                "merges.txt")
-
     def __init__(self, model_dir: Path):
-        self.files = sorted({f for pattern in self.PATTERNS for f in model_dir.glob(pattern) if f.is_file()})
-        if not any(f.name == "tokenizer_config.json" for f in self.files):
-            raise ConfigError(f"{model_dir} has no tokenizer (rerun the prepare_model stage)")
+        from prunekit.storage.hf_forms import tokenizer_files
+
+        self.files = tokenizer_files(model_dir)
 
     def save_pretrained(self, folder: Path) -> None:
         import shutil

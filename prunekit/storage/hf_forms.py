@@ -17,7 +17,6 @@ transformers loads asymmetric zero points only with `CompressedTensorsConfig(deq
 """
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -30,23 +29,26 @@ from .checkpoint import SINGLE_FILE, CheckpointReader, TensorFileWriter
 from .export import decoder_linears, read_batches
 from .packing import Grid
 
-log = logging.getLogger(__name__)
-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# what travels with the weights: everything from_pretrained and the tokenizer read
-COMPANION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+# a saved tokenizer's files (what AutoTokenizer.from_pretrained reads), as glob patterns
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*",
+                   "merges.txt")
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files of a model folder; ConfigError when it has none."""
+    files = sorted({f for pattern in TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
+    if not any(f.name == "tokenizer_config.json" for f in files):
+        raise ConfigError(f"{folder} has no tokenizer (no tokenizer_config.json): rerun the prepare_model stage")
+    return files
 
 
 def _companions(source: Path, out: Path, dtype: str) -> dict:
-    """Copy config, generation config and tokenizer files; config.json names `dtype`. Returns the config."""
+    """Copy generation config and tokenizer files; config.json names `dtype`. Returns the config."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in COMPANION_FILES[1:]:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
-    if not (out / "tokenizer_config.json").is_file():
-        raise ConfigError(f"{source} has no tokenizer files; the exported model would not be self-contained")
+    extra = [source / "generation_config.json"] if (source / "generation_config.json").is_file() else []
+    for f in tokenizer_files(source) + extra:
+        shutil.copyfile(f, out / f.name)
     config = read_json(source / "config.json")
     config.pop("torch_dtype", None)
     config["dtype"] = dtype
