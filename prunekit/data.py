@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,8 +110,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, bos: int | None, max_windows: i
     return windows
 
 
-def write_calibration(path, windows: torch.Tensor, meta: dict) -> None:
-    """Token windows as parquet (one row a window) with `meta` (fingerprint, params) attached."""
+def _write_table(path, columns: dict, meta: dict) -> None:
+    """Columns {name: pyarrow array} as one parquet file, written atomically, with `meta` attached."""
     import json
 
     import pyarrow as pa
@@ -117,15 +119,15 @@ def write_calibration(path, windows: torch.Tensor, meta: dict) -> None:
 
     from .artifacts import write_atomic
 
-    table = pa.table({"input_ids": pa.array(windows.tolist(), type=pa.list_(pa.int32()))})
-    table = table.replace_schema_metadata({"prunekit": json.dumps(meta, sort_keys=True)})
+    table = pa.table(columns).replace_schema_metadata({"prunekit": json.dumps(meta, sort_keys=True)})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_atomic(path, sink.getvalue().to_pybytes())
 
 
-def read_calibration(path) -> tuple[torch.Tensor, dict]:
-    """(windows (n, seqlen) int64, meta) as written by write_calibration."""
+def _read_table(path, what: str, convert: Callable[[dict[str, list]], Any]) -> tuple[Any, dict]:
+    """(convert({column: values}), meta) of a file `_write_table` wrote; anything else -> one
+    line naming `what`."""
     import json
 
     import pyarrow.parquet as pq
@@ -133,43 +135,38 @@ def read_calibration(path) -> tuple[torch.Tensor, dict]:
     try:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"prunekit"])
-        windows = torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long)
+        return convert(table.to_pydict()), meta
     except (OSError, ValueError, KeyError, TypeError) as exc:  # pyarrow's errors derive from these
-        raise ConfigError(f"{path} is not a calibration file written by the calibrate stage "
+        raise ConfigError(f"{path} is not a {what} written by the calibrate stage "
                           f"({type(exc).__name__}); rerun the calibrate stage") from None
-    return windows, meta
+
+
+def _ids(rows: list[list[int]]) -> list:
+    import pyarrow as pa
+
+    return pa.array(rows, type=pa.list_(pa.int32()))
+
+
+def write_calibration(path, windows: torch.Tensor, meta: dict) -> None:
+    """Token windows as parquet (one row a window) with `meta` (fingerprint, params) attached."""
+    _write_table(path, {"input_ids": _ids(windows.tolist())}, meta)
+
+
+def read_calibration(path) -> tuple[torch.Tensor, dict]:
+    """(windows (n, seqlen) int64, meta) as written by write_calibration."""
+    return _read_table(path, "calibration file", lambda c: torch.tensor(c["input_ids"], dtype=torch.long))
 
 
 def write_token_streams(path, streams: dict[str, torch.Tensor], meta: dict) -> None:
     """Whole tokenized texts {name: ids} as parquet (one row a text) with `meta` attached, so
     that stages which score them need neither the texts nor the tokenizer."""
-    import json
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from .artifacts import write_atomic
-
-    table = pa.table({"name": pa.array(list(streams)),
-                      "input_ids": pa.array([ids.tolist() for ids in streams.values()], type=pa.list_(pa.int32()))})
-    table = table.replace_schema_metadata({"prunekit": json.dumps(meta, sort_keys=True)})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_atomic(path, sink.getvalue().to_pybytes())
+    _write_table(path, {"name": pa.array(list(streams)), "input_ids": _ids([ids.tolist() for ids in streams.values()])},
+                 meta)
 
 
 def read_token_streams(path) -> tuple[dict[str, torch.Tensor], dict]:
     """({name: ids int64}, meta) as written by write_token_streams."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"prunekit"])
-        streams = {name: torch.tensor(ids, dtype=torch.long)
-                   for name, ids in zip(table.column("name").to_pylist(), table.column("input_ids").to_pylist())}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a token file written by the calibrate stage "
-                          f"({type(exc).__name__}); rerun the calibrate stage") from None
-    return streams, meta
+    return _read_table(path, "token file", lambda c: {name: torch.tensor(ids, dtype=torch.long)
+                                                      for name, ids in zip(c["name"], c["input_ids"])})

@@ -48,8 +48,9 @@ def run(params: Params, step) -> None:
     log.info("calibration text: %d characters, %d tokens", len(text), len(ids))
     bos = bos_id(tokenizer)
     windows = calibration_windows(ids, c.nsamples, c.seqlen, c.seed, bos)
+    tokenizer_fingerprint = folder_fingerprint(paths.model, "tokenizer*")
     meta = {
-        "fingerprint": fingerprint(text, folder_fingerprint(paths.model, "tokenizer*"), c.model_dump()),
+        "fingerprint": fingerprint(text, tokenizer_fingerprint, c.model_dump()),
         "params": c.model_dump(mode="json"),
         "bos": bos,
         "text_tokens": len(ids),
@@ -58,4 +59,4 @@ def run(params: Params, step) -> None:
     streams = {name: tokenize(load_text(name), tokenizer) for name in params.evaluate.datasets}
     log.info("evaluation texts: %s", ", ".join(f"{name} {len(ids)} tokens" for name, ids in streams.items()))
     # only what the tokens depend on: calibration params leave this file (and the evaluations) as they are
-    write_token_streams(paths.eval_tokens, streams, {"bos": bos, "tokenizer": folder_fingerprint(paths.model, "tokenizer*")})
+    write_token_streams(paths.eval_tokens, streams, {"bos": bos, "tokenizer": tokenizer_fingerprint})

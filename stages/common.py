@@ -110,10 +110,9 @@ class TokenizerFiles:
         self.files = tokenizer_files(model_dir)
 
     def save_pretrained(self, folder: Path) -> None:
-        import shutil
+        from prunekit.storage.hf_forms import copy_files
 
-        for f in self.files:
-            shutil.copyfile(f, Path(folder) / f.name)
+        copy_files(self.files, Path(folder))
 
 
 def require(*paths: Path) -> None:

@@ -18,6 +18,7 @@ transformers loads asymmetric zero points only with `CompressedTensorsConfig(deq
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,41 +44,50 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return files
 
 
-def _companions(source: Path, out: Path, dtype: str) -> dict:
-    """Copy generation config and tokenizer files; config.json names `dtype`. Returns the config."""
-    out.mkdir(parents=True, exist_ok=True)
-    extra = [source / "generation_config.json"] if (source / "generation_config.json").is_file() else []
-    for f in tokenizer_files(source) + extra:
+def copy_files(files: list[Path], out: Path) -> None:
+    """Copy `files` into the folder `out`, as they are."""
+    for f in files:
         shutil.copyfile(f, out / f.name)
+
+
+def _write_form(source: Path, out: Path, dtype: str, desc: str,
+                linear: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> None:
+    """The model folder `source` as an HF folder at `out` (created; the caller publishes it):
+    generation config and tokenizer copied, config.json naming `dtype`, and one safetensors file
+    written one decoder layer at a time: floating tensors cast to `dtype`, each decoder linear's
+    weight replaced by `linear(name, weight)` ({tensor name: tensor}) when given."""
+    out.mkdir(parents=True, exist_ok=True)
+    gen = source / "generation_config.json"
+    copy_files(tokenizer_files(source) + ([gen] if gen.is_file() else []), out)
     config = read_json(source / "config.json")
     config.pop("torch_dtype", None)
-    config["dtype"] = dtype
-    write_json(out / "config.json", config)
-    return config
+    write_json(out / "config.json", {**config, "dtype": dtype})
+    reader, cast = CheckpointReader(source), DTYPES[dtype]
+    linears = set(decoder_linears(reader.weight_map, config["model_type"])) if linear is not None else set()
+    writer = TensorFileWriter(out / SINGLE_FILE, metadata={"format": "pt"})
+    for batch in tqdm(read_batches(reader.weight_map, config["model_type"]), desc=desc, unit="part"):
+        for name, t in reader.read(batch).items():
+            parts = linear(name, t) if name in linears else {name: t.to(cast) if t.is_floating_point() else t}
+            for key, value in parts.items():
+                writer.write(key, value)
+    writer.close()
 
 
 def write_hf(source: Path, out: Path, dtype: str) -> dict:
     """The model folder `source` as an HF folder in `dtype` at `out` (created; the caller publishes it)."""
-    config = _companions(source, out, dtype)
-    reader, cast = CheckpointReader(source), DTYPES[dtype]
-    writer = TensorFileWriter(out / SINGLE_FILE, metadata={"format": "pt"})
-    for batch in tqdm(read_batches(reader.weight_map, config["model_type"]), desc=f"hf {dtype}", unit="part"):
-        for name, t in reader.read(batch).items():
-            writer.write(name, t.to(cast) if t.is_floating_point() else t)
-    writer.close()
+    _write_form(source, out, dtype, f"hf {dtype}")
     return {"dir": out.name, "dtype": dtype, "bytes": _bytes(out)}
 
 
 def quantization_scheme(quant: dict):
     """The compressed-tensors scheme of a GPTQ grid (quantize params): int weights, groups along
-    the input columns, symmetric or not; activations stay in the model's dtype (W·A16)."""
+    the input columns (or one grid per row), symmetric or not; activations stay in the model's
+    dtype (W·A16)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    if quant["groupsize"] is None:
-        args = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"], strategy="channel")
-    else:
-        args = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"], strategy="group",
-                                group_size=quant["groupsize"])
+    grouped = quant["groupsize"] is not None
+    args = QuantizationArgs(num_bits=quant["bits"], type="int", symmetric=quant["sym"],
+                            strategy="group" if grouped else "channel", group_size=quant["groupsize"])
     return QuantizationScheme(targets=["Linear"], weights=args)
 
 
@@ -91,30 +101,22 @@ def write_compressed_tensors(source: Path, out: Path, grids: dict[str, Grid], qu
 
     scheme, cast = quantization_scheme(quant), DTYPES[dtype]
     offset = 2 ** (quant["bits"] - 1)  # our unsigned codes -> compressed-tensors' signed ones
-    config = _companions(source, out, dtype)
-    reader = CheckpointReader(source)
-    linears = set(decoder_linears(reader.weight_map, config["model_type"]))
-    writer = TensorFileWriter(out / SINGLE_FILE, metadata={"format": "pt"})
-    for batch in tqdm(read_batches(reader.weight_map, config["model_type"]), desc="compressed-tensors", unit="part"):
-        for name, t in reader.read(batch).items():
-            if name not in linears:
-                writer.write(name, t.to(cast) if t.is_floating_point() else t)
-                continue
-            module = name.removesuffix(".weight")
-            scales, zeros = grids[name]
-            state = {"weight": t, "weight_scale": scales.to(torch.float32)}
-            if not quant["sym"]:
-                state["weight_zero_point"] = (zeros - offset).to(torch.int8)
-            elif not bool((zeros == offset).all()):
-                raise ConfigError(f"{module}: a symmetric grid has zero point {offset}; the grids do not match "
-                                  "quantize.sym (rerun `dvc repro -f quantize`)")
-            for key, value in PackedQuantizationCompressor.compress(state, scheme).items():
-                value = value.to(cast) if key == "weight_scale" else value
-                writer.write(f"{module}.{key}", value.contiguous())
-    writer.close()
+
+    def packed(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        module = name.removesuffix(".weight")
+        scales, zeros = grids[name]
+        state = {"weight": weight, "weight_scale": scales.to(torch.float32)}
+        if not quant["sym"]:
+            state["weight_zero_point"] = (zeros - offset).to(torch.int8)
+        elif not bool((zeros == offset).all()):
+            raise ConfigError(f"{module}: a symmetric grid has zero point {offset}; the grids do not match "
+                              "quantize.sym (rerun `dvc repro -f quantize`)")
+        return {f"{module}.{key}": (value.to(cast) if key == "weight_scale" else value).contiguous()
+                for key, value in PackedQuantizationCompressor.compress(state, scheme).items()}
+
+    _write_form(source, out, dtype, "compressed-tensors", packed)
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                                 quantization_status=QuantizationStatus.COMPRESSED,
-                                 ignore=["lm_head"])
+                                 quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"])
     ModelCompressor(quantization_config=qconfig).update_config(str(out))
     return {"dir": out.name, "dtype": dtype, "format": "pack-quantized", "bytes": _bytes(out),
             "compressed_tensors": compressed_tensors.__version__,
