@@ -22,6 +22,7 @@ from prunekit.kernels import (
     sweep,
     wanda,
 )
+from prunekit.kernels import rtn as kernels_rtn
 from prunekit.kernels.masks import _stable_sort_prefix, smallest
 
 
@@ -533,6 +534,22 @@ def test_gptq_on_grid_and_better_than_round_to_nearest(spec):
     assert output_error(W, res.weight, X) < output_error(W, rtn(W, spec), X)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=4, groupsize=32, mse=True),
+                                  QuantSpec(bits=8, sym=True, groupsize=48), QuantSpec(bits=3, groupsize=40)])
+def test_rtn_kernel_is_rounding_to_each_groups_own_grid(spec):
+    """kernels.rtn (all groups at once) gives the group-by-group reference bit for bit, its
+    grids hold the result, it keeps exact zeros, and GPTQ beats it on the output error."""
+    W, X, H = problem(32, 128, seed=8)
+    W = magnitude(W, 0.5).weight
+    res = kernels_rtn(W, spec)
+    assert torch.equal(res.weight, rtn(W, spec))
+    gs = spec.groupsize or 128
+    on_grid(res.weight, res.scales, res.zeros, spec, torch.arange(128) // gs)
+    assert bool((res.weight[W == 0] == 0).all())
+    assert math.isclose(res.loss, float((W - res.weight).pow(2).sum()) / 2, rel_tol=1e-6)
+    assert output_error(W, gptq(W, H, spec).weight, X) < output_error(W, res.weight, X)
+
+
 @pytest.mark.parametrize("keep_zeros", [True, False])
 @pytest.mark.parametrize("spec", [QuantSpec(bits=4, groupsize=24), QuantSpec(bits=3)])
 def test_gptq_keep_zeros_equals_eager_column_loop(spec, keep_zeros):
@@ -608,6 +625,23 @@ def test_mse_grid_on_a_pruned_w_is_the_whole_tensor_search_bit_for_bit(sym):
     for view in (W, W.T.contiguous().T):  # the sweep passes transposed views
         got = spec.grid(view)
         assert torch.equal(got[0], scale) and torch.equal(got[1], zero)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mse_grid_in_row_chunks_is_the_grid_of_all_rows_bit_for_bit(sparse, monkeypatch):
+    """The mse search runs on chunks of rows (for cache locality): every row's grid is the one
+    the whole matrix gives it, dense or mostly zeros (the search's two paths)."""
+    from prunekit.kernels import quant
+
+    torch.manual_seed(9)
+    W = torch.distributions.StudentT(3.0).sample((50, 64))
+    if sparse:
+        W[torch.rand(50, 64) < 0.7] = 0.0
+    spec = QuantSpec(bits=4, mse=True)
+    whole = spec.grid(W)
+    monkeypatch.setattr(quant, "_MSE_ROWS", 7)
+    chunked = spec.grid(W)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 @pytest.mark.parametrize("sym,mse,cols", [(False, True, 96), (True, True, 80), (False, False, 96)])

@@ -6,11 +6,11 @@ never modified.
 
 - `factorize(H)`: Hessian -> `HessianFactor` (shared by linears reading the same input).
 - `sparsegpt` / `sparsegpt_many`: SparseGPT pruning, optionally joint with quantization.
-- `gptq`: GPTQ quantization (keeps existing zeros of a pruned W).
+- `gptq`: GPTQ quantization (keeps existing zeros of a pruned W); `rtn`: plain rounding to its grids.
 - `wanda`, `magnitude`: score-based pruning without reconstruction.
 """
 
-from prunekit.kernels.gptq import gptq
+from prunekit.kernels.gptq import gptq, rtn
 from prunekit.kernels.hessian import HessianFactor, factorize
 from prunekit.kernels.quant import QuantSpec
 from prunekit.kernels.result import KernelResult
@@ -24,6 +24,7 @@ __all__ = [
     "factorize",
     "gptq",
     "magnitude",
+    "rtn",
     "sparsegpt",
     "sparsegpt_many",
     "wanda",

@@ -99,3 +99,28 @@ def gptq(
         zeros=zero_t.T.contiguous(),
     )
 
+
+
+def rtn(W: Tensor, quant: QuantSpec) -> KernelResult:
+    """Round to nearest: every weight of W (d_out, d_in) to the nearest value of its group's grid
+    (`QuantSpec.group_grids`: min-max, or the mse-searched range), no error compensation — GPTQ's
+    baseline and, with the same grids, what GPTQ improves on. The loss is Σ (w − q)² / 2 (no
+    Hessian weighs it). Exact zeros stay zero (every grid holds 0).
+
+    Example:
+        >>> res = rtn(torch.randn(32, 64), QuantSpec(bits=4, groupsize=32))
+        >>> res.scales.shape
+        torch.Size([32, 2])
+    """
+    check_weight(W)
+    Wf = W.detach().to(torch.float32)
+    scales, zeros = quant.group_grids(Wf)  # (n_groups, d_out)
+    rows, cols = W.shape
+    gs = cols if quant.groupsize is None else quant.groupsize
+    if cols % gs == 0:  # equal groups: the grids broadcast over a (rows, groups, gs) view
+        Q = quant.quantize(Wf.reshape(rows, -1, gs), scales.T[:, :, None], zeros.T[:, :, None]).reshape(rows, cols)
+    else:
+        group = torch.arange(cols, device=W.device) // gs
+        Q = quant.quantize(Wf, scales.T[:, group], zeros.T[:, group])
+    return KernelResult(weight=Q.to(W.dtype), loss=float((Wf - Q).pow(2).sum()) / 2,
+                        scales=scales.T.contiguous(), zeros=zeros.T.contiguous())
