@@ -111,7 +111,8 @@ def prune(model: nn.Module, windows: torch.Tensor, sparsity: dict[str, float] | 
 def quantize(model: nn.Module, windows: torch.Tensor, params: QuantizeParams | None = None,
              **settings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GPTQ in place (exact zeros kept); settings override `params` (e.g. bits=4, groupsize=128).
-    Returns every linear's grid {'<layer>.<linear>': (scales, zeros)}."""
+    Returns the grid of every decoder linear and of the LM head (params.head.bits; tied: the
+    embedding) by state-dict name, {'model.layers.0.self_attn.q_proj.weight': (scales, zeros), ...}."""
     params = QuantizeParams.model_validate({**(params or DEFAULTS.quantize).model_dump(), **settings})
     source = InMemoryModel(model)
     grids: dict = {}

@@ -167,6 +167,13 @@ class PruneParams(_Section):
         return int(n), int(m)
 
 
+class HeadQuantParams(_Section):
+    # The LM head, and the embedding when tied to it (Gemma-3-270M: 262144 x 640, 63% of the
+    # weights), on the linears' grid (bits here; groupsize, sym, mse as theirs). null: kept in float.
+    bits: int | None = Field(4, ge=2, le=8)
+    method: Literal["gptq", "rtn"] = "gptq"  # GPTQ on the head's input Hessian | plain rounding
+
+
 class QuantizeParams(_Section):
     enabled: bool = True
     bits: int = Field(4, ge=2, le=8)
@@ -176,6 +183,7 @@ class QuantizeParams(_Section):
     mse: bool = True  # grid range searched per row/group for the least |x - q|^2.4 (GPTQ's mse)
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, ge=0)
+    head: HeadQuantParams = HeadQuantParams()
 
 
 class EvaluateParams(_Section):

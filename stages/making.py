@@ -65,9 +65,9 @@ def quantize_into(params: Params, model_dir: Path, out_dir: Path, step) -> None:
     grids: dict = {}
     stats = quantize_model(source, source.runner(windows), q, hessian_dtype=getattr(torch, params.hessians.dtype),
                            step=step, grids=grids)
+    head = stats.pop("head", None)
     extra = {"source_fingerprint": read_json(model_dir / "prunekit.json")["fingerprint"],
-             "quantize": q.model_dump(mode="json"), "enabled": True, "linears": stats, "qparams": QPARAMS}
+             "quantize": q.model_dump(mode="json"), "enabled": True, "linears": stats, "head": head, "qparams": QPARAMS}
     # The grids let the export stage store integer codes that read back to these exact weights;
     # written into the folder before it is published, so a model never appears without them.
-    grid_tensors = {f"{source.adapter.layers}.{key}.weight": g for key, g in grids.items()}
-    source.save(TokenizerFiles(model_dir), extra, more_files=lambda folder: save_grids(folder / QPARAMS, grid_tensors))
+    source.save(TokenizerFiles(model_dir), extra, more_files=lambda folder: save_grids(folder / QPARAMS, grids))

@@ -1,5 +1,7 @@
 """Quantization driver: sequential GPTQ over every decoder linear (Hessians from the
-already-quantized prefix); exact zeros of a pruned model stay zero."""
+already-quantized prefix), then the LM head (with the embedding, when tied to it) by GPTQ on
+the final hidden states of the quantized model or by plain rounding; exact zeros of a pruned
+model stay zero."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -10,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .. import kernels
 from ..config import QuantizeParams
-from ..forward.layerwise import LayerwiseRunner
+from ..forward.head import OutputHead
+from ..forward.layerwise import HessianAccumulator, LayerwiseRunner
 from ..models import Adapter
 from ..steps import Step, call
 
@@ -47,10 +50,13 @@ def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, hessians: dic
 def quantize_model(source: LayerSource, runner: LayerwiseRunner, params: QuantizeParams, *,
                    hessian_dtype: torch.dtype = torch.float32, step: Step = call,
                    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, dict]:
-    """Sequential GPTQ over all layers of `source` (runner: `source.runner(windows)`).
+    """Sequential GPTQ over all layers of `source` (runner: `source.runner(windows)`), then its
+    LM head when params.head.bits is set. Returns the stats of every linear ('<layer>.<linear>')
+    and of the head ("head").
 
-    grids: when given, filled with {'<layer>.<linear>': (scales, zeros)}, the grid of every
-    linear (code of W_ij in group g: round(W_ij / scales[i, g]) + zeros[i, g]).
+    grids: when given, filled with {state-dict name of the weight: (scales, zeros)}, the grid of
+    every decoder linear (code of W_ij in group g: round(W_ij / scales[i, g]) + zeros[i, g]) and,
+    when params.head.bits is set, of the LM head (`quantize_head`, under `head_weight_name`).
     """
     stats: dict[str, dict] = {}
     for i in tqdm(range(len(source.layers)), desc="quantize", unit="layer"):
@@ -59,7 +65,45 @@ def quantize_model(source: LayerSource, runner: LayerwiseRunner, params: Quantiz
             for key, s in step(quantize_layer, layer, i, source.adapter, hessians, params).items():
                 grid = (s.pop("scales"), s.pop("zeros"))
                 if grids is not None:
-                    grids[key] = grid
+                    grids[f"{source.adapter.layers}.{key}.weight"] = grid
                 stats[key] = s
             runner.advance(i)
+    if params.head.bits is not None:
+        name = head_weight_name(source.model)
+        with source.head() as model:
+            result = step(quantize_head, model, runner.inputs, params, hessian_dtype)
+        source.update(name, result.weight)
+        if grids is not None:
+            grids[name] = (result.scales.cpu(), result.zeros.cpu())
+        stats["head"] = {"weight": name, "loss": result.loss, "bits": params.head.bits, "method": params.head.method}
     return stats
+
+
+def head_weight_name(model: nn.Module) -> str:
+    """The state-dict name of the LM head's weight: the embedding's when the two are tied (a tied
+    head is saved once, under the embedding's name)."""
+    weight = model.get_output_embeddings().weight
+    return next(n for n, t in model.state_dict(keep_vars=True).items() if t is weight)
+
+
+def quantize_head(model: nn.Module, hidden: list[torch.Tensor], params: QuantizeParams,
+                  hessian_dtype: torch.dtype = torch.float32) -> kernels.KernelResult:
+    """The LM head's weight on params.head.bits-bit grids (groupsize, sym and mse as the linears'):
+    GPTQ with the Hessian of the head's inputs — the final norm(s) of `hidden`, the last decoder
+    layer's outputs of the calibration windows — or plain rounding (`method: rtn`). The model is
+    not modified. A tied embedding gets the same weights: GPTQ serves the head's outputs, the
+    embedding's lookups are only rounded."""
+    spec = kernels.QuantSpec(bits=params.head.bits, sym=params.sym, groupsize=params.groupsize,
+                             act_order=params.act_order, mse=params.mse)
+    W = model.get_output_embeddings().weight.data
+    if params.head.method == "rtn":
+        return kernels.rtn(W, spec)
+    head = OutputHead(model)
+    acc = HessianAccumulator(W.shape[1], hessian_dtype, W.device)
+    with torch.no_grad():
+        for x in hidden:
+            h = x[0]
+            for norm in head.norms:
+                h = norm(h)
+            acc.add(h)
+    return kernels.gptq(W, acc.H, spec, percdamp=params.percdamp, blocksize=params.blocksize, keep_zeros=True)

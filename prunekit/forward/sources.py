@@ -73,6 +73,11 @@ class LayerSource:
         """The model with its final norm(s) and LM head ready (for `forward.head.OutputHead`)."""
         raise NotImplementedError
 
+    def update(self, name: str, value: torch.Tensor) -> None:
+        """Replace the state entry `name` (its canonical name; a tied alias follows) in the model
+        that `save` publishes, once the layer loop is past every use of it (e.g. the LM head)."""
+        raise NotImplementedError
+
     def save(self, tokenizer=None, extra: dict | None = None, more_files: Callable[[Path], None] | None = None) -> None:
         """Publish the (modified) model in `out_dir` with prunekit.json = extra + "fingerprint";
         `more_files(folder)` adds files first, so they appear with the model or not at all."""
@@ -107,6 +112,9 @@ class InMemoryModel(LayerSource):
     @contextmanager
     def head(self) -> Iterator[nn.Module]:
         yield self.model
+
+    def update(self, name: str, value: torch.Tensor) -> None:
+        self.model.state_dict(keep_vars=True)[name].data = value.to(self.device)
 
     def save(self, tokenizer=None, extra: dict | None = None, more_files: Callable[[Path], None] | None = None) -> None:
         if self.out_dir is None:
@@ -279,6 +287,14 @@ class StreamedModel(LayerSource):
                 self.writer.write({n: state[n] for n in names})
         finally:
             self._unload(names)
+
+    def update(self, name: str, value: torch.Tensor) -> None:
+        """Written to the output at once (the skeleton keeps reading the input's tensor)."""
+        if self.writer is None:
+            raise RuntimeError("this stream has no out_dir")
+        if self.canonical.get(name) != name:
+            raise KeyError(f"{name} is not a canonical state-dict name of this model")
+        self.writer.write({name: value.to(self._targets[name].dtype)})
 
     def save(self, tokenizer=None, extra: dict | None = None, more_files=None) -> None:
         """Finish the output folder like `models.save_model`: the tensors no layer wrote (embeddings,
