@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prunekit.config import ConfigError, load_params
 from prunekit.storage.hessian_store import StoreError
+from prunekit.storage.packing import PackingError
 from stages import STAGES
 
 from .server import offline_env
@@ -105,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _unpack(args: argparse.Namespace) -> int:
     from prunekit.storage.packing import unpack_to_folder
 
-    print(unpack_to_folder(args.packed, args.out))
+    print(unpack_to_folder(args.packed, args.out, args.dtype))
     return 0
 
 
@@ -142,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     un = sub.add_parser("unpack", help="the packed export -> an HF model folder that from_pretrained loads")
     un.add_argument("packed", type=Path)
     un.add_argument("out", type=Path)
+    un.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="default: the export's (config.json)")
     un.set_defaults(fn=_unpack)
     return p
 
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_environment()
     try:
         return args.fn(args)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, PackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,17 +6,21 @@ entries, d_out·d_in/8 bytes) and the nonzero entries in row-major order, either
 - as values (``kind="sparse"``: fp16 by default, or the stored dtype), or
 - as integer codes on the GPTQ grid (``kind="sparse_int"``): code k = round(W_ij / s) + z with
   the (d_out, n_groups) fp32 scales s and integer zero points z of the quantize stage; codes of
-  ≤ 4 bits are packed two per byte (low nibble first), wider codes one per byte.
+  ≤ 4 bits are packed two per byte (low nibble first), wider codes one per byte; so are the
+  zero points of a ≤ 4-bit grid (``"zeros": "nibbles"`` in the manifest entry).
 
-Reading a code back computes (k - z) · s in fp32, the same operations as ``QuantSpec.quantize``,
-so it restores GPTQ's fp32 weight exactly; `pack_state` checks that for every weight and raises
-PackingError instead of writing a lossy file. Every other tensor (embeddings, norms, biases, the
-head) is stored as fp16 (floating tensors) or as stored. The packed model is one safetensors
-file plus a JSON manifest (`MANIFEST`) that says how to read every tensor; `PackedWriter`
-writes it one part of the state at a time, `load_packed` reads it back whole or by name.
+A quantized tensor that is not pruned (the LM head / tied embedding, `quantize.head`) keeps every
+code and no mask (``kind="int"``). Reading a code back computes (k - z) · s in fp32, the same
+operations as ``QuantSpec.quantize``, so it restores GPTQ's fp32 weight exactly; `pack_state`
+checks that for every weight and raises PackingError instead of writing a lossy file. Every other
+tensor (norms, biases, a float embedding) is stored as fp16 (floating tensors) or as stored. The
+packed model is one safetensors file plus a JSON manifest (`MANIFEST`) that says how to read
+every tensor; `PackedWriter` writes it one part of the state at a time, `load_packed` reads it
+back whole or by name, `unpack_to_folder` makes an HF folder of it.
 
 Size per weight at sparsity p: 1/8 byte of mask + (1 - p)·(2 bytes fp16 | ½ byte int4) + the
-grids: at p = 0.7 with 4-bit codes ≈ 0.28 bytes against 2 bytes of fp16 (≈ 0.14×).
+grids: at p = 0.7 with 4-bit codes ≈ 0.28 bytes against 2 bytes of fp16 (≈ 0.14×); a 4-bit
+dense tensor in groups of 128: ½ + 5/128 bytes (≈ 0.27×).
 
 Example:
     >>> W = torch.randn(8, 16) * (torch.rand(8, 16) > 0.7)
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import math
 import shutil
 from collections.abc import Iterable, Mapping
@@ -43,10 +48,15 @@ from .checkpoint import TensorFileWriter
 log = logging.getLogger(__name__)
 
 FORMAT = "prunekit-packed"
-VERSION = 1
+VERSION = 2  # 2 added kind "int"; version 1 files read as before
+READABLE = (1, 2)
 WEIGHTS = "model.packed.safetensors"
 MANIFEST = "manifest.json"
 QPARAMS = "qparams.safetensors"  # GPTQ grid of every decoder linear, saved next to a quantized model
+# A large extra file (Gemma-3's tokenizer.json: 33 MB, 10% of the packed model) is stored
+# xz-compressed; `unpack_to_folder` restores it.
+COMPRESS_OVER = 1 << 20
+XZ_PRESET = 6
 Grid = tuple[Tensor, Tensor]
 
 
@@ -82,20 +92,46 @@ def _expand(grid: Tensor, d_in: int, groupsize: int | None) -> Tensor:
     return grid.repeat_interleave(groupsize, dim=1)[:, :d_in]
 
 
+def grid_codes(W: Tensor, grid: Grid, *, bits: int, groupsize: int | None) -> Tensor:
+    """The integer codes k = round(W / s) + z (as fp32, W's shape) of a weight on its grid
+    (scales s, zero points z, each (d_out, n_groups)); PackingError unless every code lies in
+    [0, 2^bits − 1] and reads back exactly, (k − z)·s == W in fp32."""
+    W = W.detach().cpu().to(torch.float32)
+    scales, zeros = (g.detach().cpu().to(torch.float32) for g in grid)
+    if scales.shape != zeros.shape or scales.shape[0] != W.shape[0]:
+        raise PackingError(f"grid shapes {tuple(scales.shape)}, {tuple(zeros.shape)} do not fit weight {tuple(W.shape)}")
+    if not bool((zeros == zeros.round()).all()) or bool((zeros < 0).any()) or bool((zeros > 255).any()):
+        raise PackingError("zero points must be integers in 0..255")
+    s = _expand(scales, W.shape[1], groupsize)
+    z = _expand(zeros, W.shape[1], groupsize)
+    k = torch.round(W / s).add_(z)
+    maxq = 2**bits - 1
+    if bool((k < 0).any()) or bool((k > maxq).any()):
+        raise PackingError(f"codes outside 0..{maxq}: the weight is not on its {bits}-bit grid")
+    restored = (k - z).mul_(s)
+    if not torch.equal(restored, W):
+        bad = int((restored != W).sum())
+        raise PackingError(f"{bad} of {W.numel()} weights do not read back exactly from their codes")
+    return k
+
+
 def pack_linear(W: Tensor, grid: Grid | None = None, *, bits: int = 4, groupsize: int | None = None,
-                float_dtype: torch.dtype | None = torch.float16) -> tuple[dict[str, Tensor], dict]:
-    """Pack one (d_out, d_in) weight: mask + values, or mask + codes + grid when `grid` is given.
+                float_dtype: torch.dtype | None = torch.float16, sparse: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """Pack one (d_out, d_in) weight: mask + values, or mask + codes + grid when `grid` is given;
+    without `sparse` (a quantized tensor that was not pruned), every code and no mask.
 
     Returns (tensors keyed by suffix, manifest entry). Raises PackingError when a quantized weight
     is off its grid (codes outside [0, 2^bits - 1] or (k - z)·s != W) or an fp16 value overflows.
     """
     if W.dim() != 2:
         raise PackingError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+    if not sparse and grid is None:
+        raise PackingError("a tensor packed without a mask needs its grid")
     W = W.detach().cpu()
-    mask = W != 0
+    mask = W != 0 if sparse else torch.ones(W.shape, dtype=torch.bool)
     nnz = int(mask.sum())
     entry = {"shape": list(W.shape), "dtype": str(W.dtype).removeprefix("torch."), "nnz": nnz}
-    out = {"mask": _bitmask(mask)}
+    out = {"mask": _bitmask(mask)} if sparse else {}
     if grid is None:
         values = W[mask] if float_dtype is None else W[mask].to(float_dtype)
         if not bool(torch.isfinite(values).all()) and bool(torch.isfinite(W[mask]).all()):
@@ -103,34 +139,34 @@ def pack_linear(W: Tensor, grid: Grid | None = None, *, bits: int = 4, groupsize
         out["values"] = values
         return out, {**entry, "kind": "sparse"}
 
+    k = grid_codes(W, grid, bits=bits, groupsize=groupsize)
     scales, zeros = (g.detach().cpu().to(torch.float32) for g in grid)
-    if scales.shape != zeros.shape or scales.shape[0] != W.shape[0]:
-        raise PackingError(f"grid shapes {tuple(scales.shape)}, {tuple(zeros.shape)} do not fit weight {tuple(W.shape)}")
-    if not bool((zeros == zeros.round()).all()) or bool((zeros < 0).any()) or bool((zeros > 255).any()):
-        raise PackingError("zero points must be integers in 0..255")
-    s = _expand(scales, W.shape[1], groupsize)[mask]
-    z = _expand(zeros, W.shape[1], groupsize)[mask]
-    Wf = W.to(torch.float32)[mask]
-    k = torch.round(Wf / s).add_(z)
-    maxq = 2**bits - 1
-    if bool((k < 0).any()) or bool((k > maxq).any()):
-        raise PackingError(f"codes outside 0..{maxq}: the weight is not on its {bits}-bit grid")
-    restored = (k - z).mul_(s)
-    if not torch.equal(restored, Wf):
-        bad = int((restored != Wf).sum())
-        raise PackingError(f"{bad} of {nnz} nonzero weights do not read back exactly from their codes")
+    k = k[mask] if sparse else k.reshape(-1)
     codes = k.to(torch.uint8)
-    out.update(codes=_nibbles(codes) if bits <= 4 else codes, scales=scales, zeros=zeros.to(torch.uint8))
-    return out, {**entry, "kind": "sparse_int", "bits": bits, "groupsize": groupsize}
+    entry = {**entry, "kind": "sparse_int" if sparse else "int", "bits": bits, "groupsize": groupsize}
+    z8 = zeros.to(torch.uint8)
+    if bits <= 4 and int(z8.max()) < 16:  # a zero point on a 4-bit grid is a 4-bit code too
+        z8, entry["zeros"] = _nibbles(z8.reshape(-1)), "nibbles"
+    out.update(codes=_nibbles(codes) if bits <= 4 else codes, scales=scales, zeros=z8)
+    return out, entry
 
 
 def unpack_linear(tensors: Mapping[str, Tensor], entry: dict) -> Tensor:
     """The dense weight of one packed linear (see `pack_linear`), in its original dtype."""
     shape, nnz = tuple(entry["shape"]), entry["nnz"]
+    dtype = getattr(torch, entry["dtype"])
+    if entry.get("zeros") == "nibbles":
+        scales = tensors["scales"]
+        tensors = {**tensors, "zeros": _unnibbles(tensors["zeros"], scales.numel()).reshape(scales.shape)}
+    if entry["kind"] == "int":  # every entry, no mask
+        codes = tensors["codes"]
+        k = (_unnibbles(codes, nnz) if entry["bits"] <= 4 else codes[:nnz]).to(torch.float32).reshape(shape)
+        s = _expand(tensors["scales"], shape[1], entry["groupsize"])
+        z = _expand(tensors["zeros"].to(torch.float32), shape[1], entry["groupsize"])
+        return (k - z).mul_(s).to(dtype)
     mask = _unbitmask(tensors["mask"], math.prod(shape)).reshape(shape)
     if int(mask.sum()) != nnz:
         raise PackingError(f"mask holds {int(mask.sum())} nonzeros, manifest says {nnz}")
-    dtype = getattr(torch, entry["dtype"])
     W = torch.zeros(shape, dtype=torch.float32)
     if entry["kind"] == "sparse":
         W[mask] = tensors["values"].to(torch.float32)
@@ -144,12 +180,14 @@ def unpack_linear(tensors: Mapping[str, Tensor], entry: dict) -> Tensor:
 
 
 def pack_state(tensors: Mapping[str, Tensor], linears: Iterable[str], grids: Mapping[str, Grid] | None = None, *,
-               bits: int = 4, groupsize: int | None = None,
-               float_dtype: torch.dtype | None = torch.float16) -> tuple[dict[str, Tensor], dict]:
+               bits: int = 4, groupsize: int | None = None, float_dtype: torch.dtype | None = torch.float16,
+               tensor_bits: Mapping[str, int] | None = None) -> tuple[dict[str, Tensor], dict]:
     """Pack a state dict: `linears` (names in `tensors`) as sparse, the rest dense.
 
-    grids: {linear name: (scales, zeros)} of a quantized model (None: pruned only); every linear
-    must then have one. float_dtype: dtype of floating tensors that are not codes (None: as stored).
+    grids: {weight name: (scales, zeros)} of a quantized model (None: pruned only); every linear
+    must then have one, and any other tensor with a grid (the LM head) is packed as codes without
+    a mask. tensor_bits: {name: bits} where a tensor's grid is not `bits` wide (the head's).
+    float_dtype: dtype of floating tensors that are not codes (None: as stored).
     Returns (flat {key: tensor} for one safetensors file, manifest).
     """
     linears = list(linears)
@@ -168,6 +206,11 @@ def pack_state(tensors: Mapping[str, Tensor], linears: Iterable[str], grids: Map
     for name, t in tensors.items():
         if name in sparse:
             continue
+        if grids is not None and name in grids:
+            parts, entries[name] = pack_linear(t, grids[name], bits=(tensor_bits or {}).get(name, bits),
+                                               groupsize=groupsize, sparse=False)
+            packed.update({f"{name}.__{suffix}": p.contiguous() for suffix, p in parts.items()})
+            continue
         t = t.detach().cpu()
         keep = float_dtype is None or not t.is_floating_point()
         packed[name] = (t if keep else t.to(float_dtype)).contiguous()
@@ -177,8 +220,8 @@ def pack_state(tensors: Mapping[str, Tensor], linears: Iterable[str], grids: Map
 
 def unpack_state(packed: Mapping[str, Tensor], manifest: dict) -> dict[str, Tensor]:
     """The state dict that `pack_state` packed (dense tensors back in their original dtype)."""
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise PackingError(f"not a {FORMAT} v{VERSION} manifest")
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
+        raise PackingError(f"not a {FORMAT} manifest of version {' or '.join(map(str, READABLE))}")
     state = {}
     for name, entry in tqdm(manifest["tensors"].items(), desc="unpack", unit="tensor", leave=False):
         if entry["kind"] == "dense":
@@ -191,14 +234,14 @@ def unpack_state(packed: Mapping[str, Tensor], manifest: dict) -> dict[str, Tens
 
 
 def sizes(packed: Mapping[str, Tensor], manifest: dict) -> dict:
-    """Tensor bytes of the packed linears and of the whole state against the same tensors in fp16."""
+    """Tensor bytes of the packed (pruned) linears and of the whole state against the same tensors in fp16."""
     return _sizes({k: t.numel() * t.element_size() for k, t in packed.items()}, manifest)
 
 
 def _sizes(nbytes: Mapping[str, int], manifest: dict) -> dict:
     """`sizes` from the bytes of every packed tensor, {key: bytes}."""
     entries = manifest["tensors"]
-    sparse = {n for n, e in entries.items() if e["kind"] != "dense"}
+    sparse = {n for n, e in entries.items() if e["kind"] in ("sparse", "sparse_int")}
     fp16 = {n: 2 * math.prod(e["shape"]) for n, e in entries.items()}
     lin_packed = sum(n for k, n in nbytes.items() if k.split(".__")[0] in sparse and ".__" in k)
     all_packed = sum(nbytes.values())
@@ -266,11 +309,15 @@ class PackedWriter:
         return _sizes(self.nbytes, self.manifest)
 
     def close(self, extra_files: Iterable[Path] = ()) -> Path:
-        """Finish the weights file, write the manifest and copy `extra_files` (e.g. config.json)."""
+        """Finish the weights file, write the manifest and copy `extra_files` (e.g. config.json,
+        the tokenizer's files; one over `COMPRESS_OVER` bytes as `<name>.xz`)."""
         self.file.close()
         (self.out_dir / MANIFEST).write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
-        for f in extra_files:
-            shutil.copy2(f, self.out_dir / Path(f).name)
+        for f in map(Path, extra_files):
+            if f.stat().st_size > COMPRESS_OVER:
+                (self.out_dir / f"{f.name}.xz").write_bytes(lzma.compress(f.read_bytes(), preset=XZ_PRESET))
+            else:
+                shutil.copy2(f, self.out_dir / f.name)
         log.info("wrote packed model to %s (%.1f MB)", self.out_dir, (self.out_dir / WEIGHTS).stat().st_size / 1e6)
         return self.out_dir / WEIGHTS
 
@@ -297,15 +344,38 @@ def load_packed(folder: str | Path, names: Iterable[str] | None = None) -> dict[
     return unpack_state(packed, manifest)
 
 
-def unpack_to_folder(folder: str | Path, out_dir: str | Path) -> Path:
-    """Rewrite a packed folder as a plain HF folder (dense model.safetensors + its json files),
-    which `AutoModelForCausalLM.from_pretrained(out_dir)` loads."""
+def unpack_to_folder(folder: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Rewrite a packed folder as a plain HF folder that `AutoModelForCausalLM.from_pretrained(out_dir)`
+    loads: one model.safetensors with floating tensors in `dtype` (default: the dtype config.json
+    names, the export's), and every other file of the folder (config, generation config,
+    tokenizer). The folder appears whole or not at all."""
     from safetensors.torch import save_file
 
+    from ..artifacts import replace_dir
+
     folder, out_dir = Path(folder), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(load_packed(folder), out_dir / "model.safetensors", metadata={"format": "pt"})
-    for f in folder.glob("*.json"):
-        if f.name != MANIFEST:
-            shutil.copy2(f, out_dir / f.name)
+    if not (folder / MANIFEST).is_file() or not (folder / "config.json").is_file():
+        raise PackingError(f"{folder} is not a packed export (it needs {MANIFEST} and config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    dtype = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
+    cast = getattr(torch, dtype, None)
+    if not isinstance(cast, torch.dtype) or not cast.is_floating_point:
+        raise PackingError(f"unknown floating dtype {dtype!r}: use bfloat16, float16 or float32")
+    state = {n: t.to(cast) if t.is_floating_point() else t for n, t in load_packed(folder).items()}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        for f in folder.iterdir():
+            if f.is_file() and f.name.endswith(".xz"):
+                (tmp / f.name.removesuffix(".xz")).write_bytes(lzma.decompress(f.read_bytes()))
+            elif f.is_file() and f.name not in (MANIFEST, WEIGHTS, "config.json"):
+                shutil.copy2(f, tmp / f.name)
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2, sort_keys=True) + "\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
