@@ -3,7 +3,8 @@
 The final model is data/compressed/<model> (or data/pruned/<model> when quantize.enabled is
 false). `prunekit.storage.export.export_model` writes its deployable forms, one decoder layer in
 memory at a time whatever `runtime.stream` says: hf/ (export.dtype, from_pretrained loads it),
-compressed-tensors/ (W4A16 pack-quantized, when quantized), packed/ (prunekit's smallest form),
+compressed-tensors/ (W4A16 pack-quantized, when quantized), <model>.gguf (when the run started
+from a GGUF file and the grid maps onto GGUF blocks), packed/ (prunekit's smallest form),
 with export.json (sizes, sha256 of the source's weights) and README.md.
 """
 from __future__ import annotations
@@ -40,15 +41,19 @@ def run(params: Params, step) -> None:
     compressed = read_json(paths.compressed / "prunekit.json")
     quantized = compressed.get("enabled", False)
     source = paths.compressed if quantized else paths.pruned
+    where, gguf = resolve_source(params.model.source)
     summary = step(export_model, source, paths.export, compressed["quantize"] if quantized else None,
                    name=params.model.name, root=paths.reports.parent, dtype=params.export.dtype,
-                   source_bytes=source_bytes(params.model.source))
+                   source_bytes=source_bytes(params.model.source),
+                   gguf_source=None if gguf is None else Path(where) / gguf)
     r, b = summary["ratios_vs_fp16"], summary["bytes"]
     forms = summary["forms"]
     write_json(paths.reports / "metrics" / "export.json", {
         "linears_vs_fp16": r["linears"], "model_file_vs_fp16": r["model_file"],
         "model_file_vs_stored": b["packed_file"] / b["stored_files"], "packed_mb": b["packed_file"] / 1e6,
+        "packed_folder_mb": b["packed_folder"] / 1e6,
         **{f"{name}_mb": form["bytes"] / 1e6 for name, form in forms.items()},
-        **({f"{name}_vs_source": form["bytes"] / summary["source_bytes"] for name, form in forms.items()}
+        **({f"{name}_vs_source": size / summary["source_bytes"] for name, size in
+            {**{n: f["bytes"] for n, f in forms.items()}, "packed_folder": b["packed_folder"]}.items()}
            if summary["source_bytes"] else {}),
     })

@@ -81,6 +81,30 @@ def test_seventy_percent_four_bit_is_under_a_quarter_of_fp16():
     assert torch.equal(state["lin"], res.weight) and torch.equal(state["emb"], emb.half().float())
 
 
+@pytest.mark.parametrize("bits,groupsize", [(4, 32), (8, 32), (4, None), (3, 24)])
+def test_a_quantized_unpruned_tensor_packs_every_code_without_a_mask(bits, groupsize):
+    """The LM head / tied embedding: rounded to its grids (kernels.rtn), packed as codes with no
+    mask (kind "int"), read back bit-identical; 4-bit codes in groups of 32 take 0.32× fp16 (fp32 scales)."""
+    from prunekit.kernels import rtn
+
+    W = torch.randn(200, 96, generator=torch.Generator().manual_seed(3))
+    res = rtn(W, QuantSpec(bits=bits, groupsize=groupsize, mse=True))
+    parts, entry = packing.pack_linear(res.weight, (res.scales, res.zeros), bits=bits, groupsize=groupsize,
+                                       sparse=False)
+    assert entry["kind"] == "int" and "mask" not in parts and entry["nnz"] == W.numel()
+    assert torch.equal(_bits(packing.unpack_linear(parts, entry)), _bits(res.weight))
+    packed, manifest = packing.pack_state({"head": res.weight, "norm": torch.ones(96)}, [],
+                                          {"head": (res.scales, res.zeros)}, bits=2, groupsize=groupsize,
+                                          tensor_bits={"head": bits})
+    assert manifest["tensors"]["head"]["bits"] == bits and manifest["tensors"]["norm"]["kind"] == "dense"
+    assert torch.equal(packing.unpack_state(packed, manifest)["head"], res.weight)
+    if (bits, groupsize) == (4, 32):
+        nbytes = sum(t.numel() * t.element_size() for k, t in packed.items() if k.startswith("head."))
+        assert nbytes == W.numel() // 2 + 200 * 3 * 4 + 200 * 3 // 2  # codes, fp32 scales, 4-bit zero points
+    with pytest.raises(packing.PackingError, match="read back exactly"):
+        packing.pack_linear(res.weight + 1e-3, (res.scales, res.zeros), bits=bits, groupsize=groupsize, sparse=False)
+
+
 def run_stages(tmp_path, model_dir, monkeypatch, structure="unstructured", **overrides):
     """prepare_model -> calibrate -> prune (uniform schedule, sequential) -> quantize -> export,
     in process and without Prefect; returns the run's Paths."""
@@ -124,6 +148,7 @@ def _logits(model_dir, ids):
     ("llama", {"groupsize": 32}, "2:4"),
 ])
 def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(packing, "COMPRESS_OVER", 10_000)  # the tiny tokenizer.json is stored xz-compressed too
     paths = run_stages(tmp_path, tiny_models[model_type], monkeypatch, structure=structure, quantize=quantize)
     quantized = quantize.get("enabled", True)
     final = paths.compressed if quantized else paths.pruned
@@ -151,17 +176,28 @@ def test_export_stage(model_type, quantize, structure, tiny_models, tmp_path, mo
     assert (out / "hf" / "tokenizer.json").is_file()
     assert ("compressed_tensors" in summary["forms"]) == quantized
 
-    # The packed form: quantized linears come back bit-identical; the rest is fp16.
+    # The packed form: quantized linears and the quantized head come back bit-identical, pruned
+    # linears and the rest in bf16 (the export dtype). It holds its tokenizer and unpacks to a bf16 folder.
     restored = packing.load_packed(out / "packed")
     assert set(restored) == set(stored)
-    linears = [n for n, e in json.loads((out / "packed" / packing.MANIFEST).read_text())["tensors"].items()
-               if e["kind"] != "dense"]
-    assert linears
-    for name in linears:
-        expected = stored[name] if quantized else stored[name].half().float()
+    entries = json.loads((out / "packed" / packing.MANIFEST).read_text())["tensors"]
+    coded = [n for n, e in entries.items() if e["kind"] != "dense"]
+    head = json.loads((final / "prunekit.json").read_text()).get("head")
+    assert [n for n in coded if entries[n]["kind"] == "int"] == ([head["weight"]] if quantized else [])
+    for name in coded:
+        expected = stored[name] if quantized else stored[name].to(torch.bfloat16).float()
         assert torch.equal(_bits(restored[name]), _bits(expected)), name
+    for name in set(stored) - set(coded):
+        assert torch.equal(restored[name], stored[name].to(torch.bfloat16).to(stored[name].dtype)), name
+    assert (out / "packed" / "tokenizer.json.xz").is_file() and not (out / "packed" / "tokenizer.json").exists()
     unpacked = packing.unpack_to_folder(out / "packed", tmp_path / "unpacked")
-    torch.testing.assert_close(_logits(unpacked, ids), reference, rtol=0, atol=0.05)
+    assert json.loads((unpacked / "config.json").read_text())["dtype"] == "bfloat16"
+    assert _stored(unpacked)[coded[0]].dtype == torch.bfloat16
+    assert (unpacked / "tokenizer.json").read_bytes() == (final / "tokenizer.json").read_bytes()
+    torch.testing.assert_close(_logits(unpacked, ids), reference, rtol=0, atol=0.1)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(unpacked)) == len(AutoTokenizer.from_pretrained(final))
 
 
 def _stored(folder):
@@ -289,3 +325,37 @@ def test_a_grid_compressed_tensors_cannot_hold_or_an_unwritable_output_ends_in_o
         export.run(params, call)
     assert "\n" not in str(refused.value)
     assert exports.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bits,sym,groupsize", [(4, False, 64), (4, True, 32), (8, True, None), (4, False, None)])
+def test_gguf_blocks_hold_the_grid_up_to_fp16_scales(bits, sym, groupsize):
+    """Our codes written as GGUF blocks (Q4_1, Q4_0, Q8_0) and read back by the gguf package's own
+    dequantizer give the pipeline's weights up to the fp16 rounding of each block's scale (and
+    offset); the symmetric types keep the pruned zeros exact."""
+    from gguf.quants import dequantize
+
+    from prunekit.kernels import rtn
+    from prunekit.storage.gguf_form import _blocks, block_type
+
+    W = magnitude(torch.randn(48, 128, generator=torch.Generator().manual_seed(5)), 0.7).weight
+    res = rtn(W, QuantSpec(bits=bits, sym=sym, groupsize=groupsize))
+    data, qtype = _blocks(res.weight, (res.scales, res.zeros), bits, sym, groupsize)
+    assert qtype == block_type(bits, sym) and qtype.name == {(4, False): "Q4_1", (4, True): "Q4_0", (8, True): "Q8_0"}[(bits, sym)]
+    back = torch.from_numpy(dequantize(data, qtype).astype("float32")).reshape(W.shape)
+    step = res.scales.repeat_interleave(groupsize or 128, dim=1)  # each weight's grid step
+    assert float(((back - res.weight).abs() / step).max()) < (16 if bits == 4 else 256) * 2**-10
+    if sym:
+        assert torch.equal(back == 0, res.weight == 0)
+    else:
+        assert float((back[res.weight == 0].abs() / step[res.weight == 0]).max()) < 16 * 2**-10
+
+
+def test_grids_gguf_cannot_hold_are_named():
+    from prunekit.storage.gguf_form import gguf_form
+
+    base = {"bits": 4, "sym": False, "groupsize": 128, "head": {"bits": 4}}
+    assert gguf_form(base, [640, 2048]) is None and gguf_form(None, [33]) is None
+    assert "3-bit grid has no GGUF block type" in gguf_form({**base, "bits": 3}, [640])
+    assert "the LM head' asymmetric 8-bit" in gguf_form({**base, "head": {"bits": 8}}, [640])
+    assert "groups of 48 columns" in gguf_form({**base, "groupsize": 48}, [96])
+    assert "input widths [40]" in gguf_form({**base, "groupsize": None}, [40, 64])

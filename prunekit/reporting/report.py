@@ -221,18 +221,23 @@ def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, sched
 def export_section(exported: dict) -> list[str]:
     """The export's forms with their sizes, against fp16 tensors and the file the run started from."""
     b, src = exported["bytes"], exported.get("source_bytes")
-    rows = [(f"`{name.replace('_', '-')}/` ({form['dtype']})", form["bytes"]) for name, form in exported["forms"].items()]
-    rows += [(f"`packed/` ({exported['format']['values']})", b["packed_file"]),
-             ("the pipeline's folder (fp32)", b["stored_files"])]
+    rows = [(f"`{form.get('file', name.replace('_', '-') + '/')}` ({form['dtype']})", form["bytes"])
+            for name, form in exported["forms"].items()]
+    fmt = exported["format"]
+    packed = f"`packed/` (linears {fmt['values']}; head {fmt['head']})"
+    rows += [(f"{packed}: weights file", b["packed_file"])]
+    if "packed_folder" in b:
+        rows += [(f"{packed}: whole folder", b["packed_folder"])]
+    rows += [("the pipeline's folder (fp32)", b["stored_files"])]
     lines = ["## Export", "",
              f"`{exported['packed_dir'].rsplit('/', 1)[0]}/`: every form holds config and tokenizer; its README.md says"
              " how each loads (`hf/` with transformers, `compressed-tensors/` with transformers + compressed-tensors,"
-             " `packed/` with prunekit).", "",
+             " the `.gguf` with llama.cpp or transformers + gguf, `packed/` with prunekit)."
+             + "".join(f" No {form}: {why}." for form, why in exported.get("skipped_forms", {}).items()), "",
              "| form | bytes on disk | vs fp16 tensors | vs source file |", "|---|---:|---:|---:|"]
     for label, size in rows:
         vs_src = f"{size / src:.3f}" if src else "–"
         lines.append(f"| {label} | {size:,} | {size / b['fp16_tensors']:.3f} | {vs_src} |")
     lines += ["", (f"Source file: {src:,} bytes. " if src else "Source file: not on disk (a hub id). ") +
-              "The hf/ and compressed-tensors/ folders' bytes include their tokenizer and config; packed/ is its"
-              " weights file (its tokenizer is in hf/).", ""]
+              "The folders' bytes include their tokenizer and config (the source GGUF holds its tokenizer too).", ""]
     return lines

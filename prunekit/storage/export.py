@@ -2,9 +2,10 @@
 read back and checked, with its sizes, export.json and a README.
 
 The final model is a pruned (and possibly quantized) HF folder. Its packed form holds, per
-decoder linear, a bitmask of the nonzeros and their GPTQ codes (or fp16 values when not
-quantized), every other tensor fp16, plus manifest.json and config.json; `load_packed` /
-`unpack_to_folder` read it back. Packing and the check read the model one decoder layer at a
+decoder linear, a bitmask of the nonzeros and their GPTQ codes (or their values in the export
+dtype when not quantized), the LM head's codes when it was quantized (`quantize.head`), every other tensor in
+the export dtype, plus manifest.json, config, generation config and tokenizer: a folder that
+needs nothing else; `load_packed` / `unpack_to_folder` read it back. Packing and the check read the model one decoder layer at a
 time (and every other tensor on its own) and write the packed file as they go: memory holds
 about one layer, never the model.
 """
@@ -30,12 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root: Path,
-                 dtype: str = "bfloat16", source_bytes: int | None = None) -> dict:
+                 dtype: str = "bfloat16", source_bytes: int | None = None, gguf_source: Path | None = None) -> dict:
     """The model folder `source` (quantized with the `quant` params, or only pruned) in its
-    deployable forms: out/hf/ (`dtype`), out/compressed-tensors/ (when quantized) and
-    out/packed/, with out/export.json and out/README.md; the folder appears whole or not at
+    deployable forms: out/hf/ (`dtype`), out/compressed-tensors/ (when quantized), out/packed/
+    and out/<name>.gguf (when the run started from the GGUF file `gguf_source` and the grid maps
+    onto GGUF blocks), with out/export.json and out/README.md; the folder appears whole or not at
     all. Paths in the summary are relative to `root`; `source_bytes`: the size of the file the
     run started from, for the size ratios. Returns the summary."""
+    from .gguf_form import gguf_form, write_gguf
     from .hf_forms import write_compressed_tensors, write_hf
 
     grids = None
@@ -45,6 +48,13 @@ def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root
                               "rerun `dvc repro -f quantize`")
         grids = load_grids(source / QPARAMS)
         _check_groups(source, quant)
+    reader = CheckpointReader(source)
+    linears = decoder_linears(reader.weight_map, read_json(source / "config.json")["model_type"])
+    skipped = {}
+    if gguf_source is None:
+        skipped["gguf"] = "the run did not start from a GGUF file (llama.cpp's convert_hf_to_gguf.py converts hf/)"
+    elif reason := gguf_form(quant, [reader.header(n)[1][1] for n in linears]):
+        skipped["gguf"] = reason
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     src = str(source.relative_to(root))
@@ -53,10 +63,12 @@ def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root
         if quant is not None:
             forms["compressed_tensors"] = write_compressed_tensors(source, tmp / "compressed-tensors", grids, quant,
                                                                    dtype)
+        if "gguf" not in skipped:
+            forms["gguf"] = write_gguf(source, gguf_source, tmp / f"{name}.gguf", grids, quant, linears)
         summary = {"model": name, "source": src, "quantized": quant is not None,
                    "source_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
-                   "source_bytes": source_bytes, "forms": forms, "packed_dir": str((out / "packed").relative_to(root)),
-                   **_pack(source, tmp / "packed", quant, grids)}
+                   "source_bytes": source_bytes, "forms": forms, "skipped_forms": skipped, "packed_dir": str((out / "packed").relative_to(root)),
+                   **_pack(source, tmp / "packed", quant, grids, dtype)}
         write_json(tmp / "export.json", summary)
         write_atomic(tmp / "README.md", _readme(summary))
         replace_dir(tmp, out)
@@ -120,28 +132,40 @@ def read_batches(names: Iterable[str], model_type: str) -> list[list[str]]:
     return [layers[i] for i in sorted(layers)] + rest
 
 
-def _pack(source: Path, out: Path, quant: dict | None, grids: dict | None) -> dict:
-    """Pack the model in `source` into `out`, read it back, and measure sizes; one batch of
-    tensors (`read_batches`) in memory at a time."""
+def _pack(source: Path, out: Path, quant: dict | None, grids: dict | None, dtype: str) -> dict:
+    """Pack the model in `source` into `out` (self-contained: config naming `dtype`, generation
+    config, tokenizer), read it back, and measure sizes; one batch of tensors (`read_batches`) in
+    memory at a time."""
+    from .hf_forms import DTYPES, tokenizer_files
+
     config = read_json(source / "config.json")
     reader = CheckpointReader(source)
     linears = set(decoder_linears(reader.weight_map, config["model_type"]))
     batches = read_batches(reader.weight_map, config["model_type"])
     bits, groupsize = (quant["bits"], quant["groupsize"]) if quant is not None else (4, None)
-    log.info("packing %d decoder linears (%s) and %d other tensors", len(linears),
-             f"{bits}-bit codes" if quant else "fp16 values", len(reader.weight_map) - len(linears))
+    head = [n for n in (grids or {}) if n not in linears]  # the LM head, quantized too
+    head_bits = (quant or {}).get("head", {}).get("bits")
+    if head and head_bits is None:
+        raise ConfigError(f"{source} has grids for {head} but its quantize params no quantize.head.bits: "
+                          "rerun `dvc repro -f quantize`")
+    cast = DTYPES[dtype]
+    log.info("packing %d decoder linears (%s), %s and %d other tensors (%s)", len(linears),
+             f"{bits}-bit codes" if quant else f"{dtype} values", f"the head as {head_bits}-bit codes" if head else
+             "no quantized head", len(reader.weight_map) - len(linears) - len(head), dtype)
     writer = PackedWriter(out)
     for batch in tqdm(batches, desc="pack", unit="part"):
         writer.add(*pack_state(reader.read(batch), [n for n in batch if n in linears], grids, bits=bits,
-                                       groupsize=groupsize))
-    extra = [source / n for n in ("config.json", "generation_config.json") if (source / n).is_file()]
-    weights = writer.close(extra_files=extra)
+                               groupsize=groupsize, float_dtype=cast, tensor_bits=dict.fromkeys(head, head_bits)))
+    gen = source / "generation_config.json"
+    weights = writer.close(extra_files=tokenizer_files(source) + ([gen] if gen.is_file() else []))
+    config.pop("torch_dtype", None)
+    write_json(out / "config.json", {**config, "dtype": dtype})
 
+    coded = linears | set(head) if quant is not None else set()
     for batch in tqdm(batches, desc="check packed", unit="part"):
         restored = load_packed(out, batch)
         for name, t in reader.read(batch).items():
-            expected = t if (quant is not None and name in linears) or not t.is_floating_point() \
-                else t.to(torch.float16).to(t.dtype)
+            expected = t if name in coded or not t.is_floating_point() else t.to(cast).to(t.dtype)
             if not torch.equal(restored[name], expected):
                 raise PackingError(f"{name} does not read back from the packed file as written")
 
@@ -150,13 +174,16 @@ def _pack(source: Path, out: Path, quant: dict | None, grids: dict | None) -> di
     numel = sum(math.prod(writer.entries[n]["shape"]) for n in linears)
     stored = sum(f.stat().st_size for f in source.glob("model*.safetensors"))
     fp16_file = sizes["tensors"]["fp16_bytes"]
+    folder = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return {
         "format": {"weights": WEIGHTS, "manifest": MANIFEST, "linears": len(linears),
                    "values": f"int{bits} codes, per-{'group ' + str(groupsize) if groupsize else 'channel'} grid"
-                   if quant else "fp16", "other_tensors": "fp16"},
+                   if quant else dtype, "head": f"int{head_bits} codes, no mask" if head else "as other tensors",
+                   "other_tensors": dtype},
         "linear_density": nnz / numel,
-        "bytes": {"packed_file": weights.stat().st_size, "stored_files": stored, "fp16_tensors": fp16_file,
-                  "packed_linears": sizes["linears"]["packed_bytes"], "fp16_linears": sizes["linears"]["fp16_bytes"]},
+        "bytes": {"packed_file": weights.stat().st_size, "packed_folder": folder, "stored_files": stored,
+                  "fp16_tensors": fp16_file, "packed_linears": sizes["linears"]["packed_bytes"],
+                  "fp16_linears": sizes["linears"]["fp16_bytes"]},
         "ratios_vs_fp16": {"linears": sizes["linears"]["ratio_vs_fp16"],
                            "model_file": weights.stat().st_size / fp16_file},
     }
@@ -176,14 +203,23 @@ def _readme(s: dict) -> str:
         lines.append(f"- `compressed-tensors/`: W4A16 `{ct['format']}` (compressed-tensors {ct['compressed_tensors']}),"
                      f" scales in {ct['dtype']}; with `pip install compressed-tensors`: `{ct['loads_with']}`"
                      ".")
-    lines += [f"- `packed/`: {s['format']['linears']} decoder linears as a bitmask of nonzeros + {s['format']['values']};"
-              " every other tensor fp16. Read it back with `prunekit.storage.packing.load_packed(\"packed\")` (a state"
-              " dict) or `prunekit unpack packed unpacked` (an HF folder; the tokenizer is in `hf/`).", "",
+    if "gguf" in forms:
+        g = forms["gguf"]
+        lines.append(f"- `{g['file']}`: GGUF for llama.cpp (and transformers' `gguf_file=`), {g['dtype']} "
+                     f"(written: {g['written_types']}), metadata, tokenizer and every other tensor copied from "
+                     f"`{g['copied_from']}`; sparsity buys no bytes in GGUF.")
+    lines += [f"- no {form}: {why}." for form, why in s.get("skipped_forms", {}).items()]
+    fmt = s["format"]
+    lines += [f"- `packed/`: {fmt['linears']} decoder linears as a bitmask of nonzeros + {fmt['values']}; the LM head"
+              f" {fmt['head']}; every other tensor {fmt['other_tensors']}. Read it back with"
+              " `prunekit.storage.packing.load_packed(\"packed\")` (a state dict) or `prunekit unpack packed unpacked`"
+              " (a bf16 HF folder with its tokenizer; a large file such as tokenizer.json is stored as `.xz`).", "",
               "| form | bytes | vs fp16 tensors |", "|---|---:|---:|"]
-    lines += [f"| {name.replace('_', '-')} | {f['bytes']:,} | {f['bytes'] / b['fp16_tensors']:.3f} |"
+    lines += [f"| {f.get('file', name.replace('_', '-'))} | {f['bytes']:,} | {f['bytes'] / b['fp16_tensors']:.3f} |"
               for name, f in forms.items()]
     lines += [f"| packed (decoder linears only) | {b['packed_linears']:,} | {r['linears']:.3f} |",
-              f"| packed (whole file) | {b['packed_file']:,} | {r['model_file']:.3f} |",
+              f"| packed (weights file) | {b['packed_file']:,} | {r['model_file']:.3f} |",
+              f"| packed (folder, with tokenizer) | {b['packed_folder']:,} | {b['packed_folder'] / b['fp16_tensors']:.3f} |",
               f"| pipeline's folder (fp32) | {b['stored_files']:,} | {b['stored_files'] / b['fp16_tensors']:.3f} |", "",
               f"Density of the decoder linears: {s['linear_density']:.4f} (fp16 = 2 bytes per weight).", ""]
     return "\n".join(lines)
