@@ -87,7 +87,7 @@ class SensitivityParams(_Section):
 class SearchParams(_Section):
     """Evolutionary search of per-unit sparsity levels scored on calibration windows (prunekit.search)."""
 
-    generations: int = Field(4, ge=0)
+    generations: int = Field(3, ge=0)
     offspring: int = Field(6, ge=1)
     survivors: int = Field(2, ge=1)
     max_mutations: int = Field(3, ge=1)
