@@ -123,7 +123,7 @@ def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, sched
     quant = params.quantize
     gptq = f"GPTQ {quant.bits}-bit" + (f" g{quant.groupsize}" if quant.groupsize else "")
     if quant.head.bits is not None:
-        gptq += f", head {quant.head.bits}-bit {quant.head.method}"
+        gptq += f" (head {quant.head.bits}-bit {quant.head.method})"
     sparsity = f"{params.prune.sparsity:.0%} ({params.prune.structure}, {params.prune.mode})"
     labels = {
         "dense": "dense",
