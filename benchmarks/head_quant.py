@@ -60,7 +60,7 @@ def main() -> None:
         source = InMemoryModel.load(folder)
         runner = source.runner(calib)
         quantize_model(source, runner, no_head)
-        head = head_weight_name(source.model)
+        head = head_weight_name(source)
         original = source.model.state_dict(keep_vars=True)[head].data.clone()
         reference = None
         for bits, method in VARIANTS:

@@ -69,7 +69,7 @@ def test_gguf_export_of_the_embedded_model_reads_back_through_transformers(gemma
             res = rtn(magnitude(linear.weight.data, 0.5).weight, spec)
             linear.weight.data = res.weight
             grids[f"{adapter.layers}.{i}.{name}.weight"] = (res.scales, res.zeros)
-    head = head_weight_name(model)
+    head = head_weight_name(InMemoryModel(model))
     res = rtn(model.get_output_embeddings().weight.data, spec)
     model.get_output_embeddings().weight.data = res.weight
     grids[head] = (res.scales, res.zeros)

@@ -69,7 +69,7 @@ def quantize_model(source: LayerSource, runner: LayerwiseRunner, params: Quantiz
                 stats[key] = s
             runner.advance(i)
     if params.head.bits is not None:
-        name = head_weight_name(source.model)
+        name = head_weight_name(source)
         with source.head() as model:
             result = step(quantize_head, model, runner.inputs, params, hessian_dtype)
         source.update(name, result.weight)
@@ -79,11 +79,12 @@ def quantize_model(source: LayerSource, runner: LayerwiseRunner, params: Quantiz
     return stats
 
 
-def head_weight_name(model: nn.Module) -> str:
-    """The state-dict name of the LM head's weight: the embedding's when the two are tied (a tied
-    head is saved once, under the embedding's name)."""
-    weight = model.get_output_embeddings().weight
-    return next(n for n, t in model.state_dict(keep_vars=True).items() if t is weight)
+def head_weight_name(source: LayerSource) -> str:
+    """The name the LM head's weight is saved under: the embedding's when the two are tied (a
+    tied head is saved once, under the embedding's name)."""
+    head = source.model.get_output_embeddings()
+    path = next(n for n, m in source.model.named_modules() if m is head)
+    return source.saved_name(f"{path}.weight")
 
 
 def quantize_head(model: nn.Module, hidden: list[torch.Tensor], params: QuantizeParams,

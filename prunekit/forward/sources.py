@@ -73,8 +73,12 @@ class LayerSource:
         """The model with its final norm(s) and LM head ready (for `forward.head.OutputHead`)."""
         raise NotImplementedError
 
+    def saved_name(self, name: str) -> str:
+        """The name the state entry `name` is saved under: a tied entry's first name."""
+        raise NotImplementedError
+
     def update(self, name: str, value: torch.Tensor) -> None:
-        """Replace the state entry `name` (its canonical name; a tied alias follows) in the model
+        """Replace the state entry `name` (its saved name; a tied alias follows) in the model
         that `save` publishes, once the layer loop is past every use of it (e.g. the LM head)."""
         raise NotImplementedError
 
@@ -112,6 +116,10 @@ class InMemoryModel(LayerSource):
     @contextmanager
     def head(self) -> Iterator[nn.Module]:
         yield self.model
+
+    def saved_name(self, name: str) -> str:
+        state = self.model.state_dict(keep_vars=True)
+        return next(n for n, t in state.items() if t is state[name])
 
     def update(self, name: str, value: torch.Tensor) -> None:
         self.model.state_dict(keep_vars=True)[name].data = value.to(self.device)
@@ -287,6 +295,9 @@ class StreamedModel(LayerSource):
                 self.writer.write({n: state[n] for n in names})
         finally:
             self._unload(names)
+
+    def saved_name(self, name: str) -> str:
+        return self.canonical[name]
 
     def update(self, name: str, value: torch.Tensor) -> None:
         """Written to the output at once (the skeleton keeps reading the input's tensor)."""
