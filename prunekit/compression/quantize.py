@@ -92,8 +92,8 @@ def quantize_head(model: nn.Module, hidden: list[torch.Tensor], params: Quantize
     """The LM head's weight on params.head.bits-bit grids (groupsize, sym and mse as the linears'):
     GPTQ with the Hessian of the head's inputs — the final norm(s) of `hidden`, the last decoder
     layer's outputs of the calibration windows — or plain rounding (`method: rtn`). The model is
-    not modified. A tied embedding gets the same weights: GPTQ serves the head's outputs, the
-    embedding's lookups are only rounded."""
+    not modified. A tied embedding's lookups get the same weights, though GPTQ weighs only the
+    head's outputs (benchmarks/head_quant.py measures the whole model)."""
     spec = kernels.QuantSpec(bits=params.head.bits, sym=params.sym, groupsize=params.groupsize,
                              act_order=params.act_order, mse=params.mse)
     W = model.get_output_embeddings().weight.data
