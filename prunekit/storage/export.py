@@ -25,7 +25,17 @@ from ..artifacts import read_json, replace_dir, sha256_file, write_atomic, write
 from ..config import ConfigError
 from ..models import ADAPTERS, Adapter
 from .checkpoint import CheckpointReader
-from .packing import MANIFEST, QPARAMS, WEIGHTS, PackedWriter, PackingError, load_grids, load_packed, pack_state
+from .packing import (
+    MANIFEST,
+    QPARAMS,
+    WEIGHTS,
+    PackedWriter,
+    PackingError,
+    load_grids,
+    load_packed,
+    pack_state,
+    with_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +51,20 @@ def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root
     from .gguf_form import gguf_form, write_gguf
     from .hf_forms import write_compressed_tensors, write_hf
 
+    reader = CheckpointReader(source)
+    linears = decoder_linears(reader.weight_map, read_json(source / "config.json")["model_type"])
+    widths = {name: reader.header(name)[1][1] for name in linears}  # input widths
     grids = None
     if quant is not None:
         if not (source / QPARAMS).is_file():
             raise ConfigError(f"{source} has no {QPARAMS} (quantized before the stage saved its grids): "
                               "rerun `dvc repro -f quantize`")
         grids = load_grids(source / QPARAMS)
-        _check_groups(source, quant)
-    reader = CheckpointReader(source)
-    linears = decoder_linears(reader.weight_map, read_json(source / "config.json")["model_type"])
+        _check_groups(quant, widths)
     skipped = {}
     if gguf_source is None:
         skipped["gguf"] = "the run did not start from a GGUF file (llama.cpp's convert_hf_to_gguf.py converts hf/)"
-    elif reason := gguf_form(quant, [reader.header(n)[1][1] for n in linears]):
+    elif reason := gguf_form(quant, list(widths.values())):
         skipped["gguf"] = reason
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,7 +79,7 @@ def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root
         summary = {"model": name, "source": src, "quantized": quant is not None,
                    "source_sha256": {f.name: sha256_file(f) for f in sorted(source.glob("model*.safetensors"))},
                    "source_bytes": source_bytes, "forms": forms, "skipped_forms": skipped, "packed_dir": str((out / "packed").relative_to(root)),
-                   **_pack(source, tmp / "packed", quant, grids, dtype)}
+                   **_pack(source, reader, set(linears), tmp / "packed", quant, grids, dtype)}
         write_json(tmp / "export.json", summary)
         write_atomic(tmp / "README.md", _readme(summary))
         replace_dir(tmp, out)
@@ -85,14 +96,13 @@ def export_model(source: Path, out: Path, quant: dict | None, *, name: str, root
     return summary
 
 
-def _check_groups(source: Path, quant: dict) -> None:
-    """compressed-tensors holds whole groups only: every decoder linear's input width must be a
-    multiple of quantize.groupsize (prunekit's own grid allows a narrower last group)."""
+def _check_groups(quant: dict, widths: dict[str, int]) -> None:
+    """compressed-tensors holds whole groups only: every decoder linear's input width ({weight
+    name: width}) must be a multiple of quantize.groupsize (prunekit's own grid allows a narrower
+    last group)."""
     if quant["groupsize"] is None:
         return
-    reader = CheckpointReader(source)
-    for name in decoder_linears(reader.weight_map, read_json(source / "config.json")["model_type"]):
-        width = reader.header(name)[1][1]
+    for name, width in widths.items():
         if width % quant["groupsize"]:
             raise ConfigError(f"quantize.groupsize {quant['groupsize']} does not divide the input width {width} of "
                               f"{name.removesuffix('.weight')}: compressed-tensors stores whole groups only; use a "
@@ -132,15 +142,14 @@ def read_batches(names: Iterable[str], model_type: str) -> list[list[str]]:
     return [layers[i] for i in sorted(layers)] + rest
 
 
-def _pack(source: Path, out: Path, quant: dict | None, grids: dict | None, dtype: str) -> dict:
-    """Pack the model in `source` into `out` (self-contained: config naming `dtype`, generation
-    config, tokenizer), read it back, and measure sizes; one batch of tensors (`read_batches`) in
-    memory at a time."""
-    from .hf_forms import DTYPES, tokenizer_files
+def _pack(source: Path, reader: CheckpointReader, linears: set[str], out: Path, quant: dict | None,
+          grids: dict | None, dtype: str) -> dict:
+    """Pack the model in `source` (read by `reader`; its decoder `linears`) into `out`
+    (self-contained: config naming `dtype`, generation config, tokenizer), read it back, and
+    measure sizes; one batch of tensors (`read_batches`) in memory at a time."""
+    from .hf_forms import DTYPES, model_files
 
     config = read_json(source / "config.json")
-    reader = CheckpointReader(source)
-    linears = set(decoder_linears(reader.weight_map, config["model_type"]))
     batches = read_batches(reader.weight_map, config["model_type"])
     bits, groupsize = (quant["bits"], quant["groupsize"]) if quant is not None else (4, None)
     head = [n for n in (grids or {}) if n not in linears]  # the LM head, quantized too
@@ -156,10 +165,8 @@ def _pack(source: Path, out: Path, quant: dict | None, grids: dict | None, dtype
     for batch in tqdm(batches, desc="pack", unit="part"):
         writer.add(*pack_state(reader.read(batch), [n for n in batch if n in linears], grids, bits=bits,
                                groupsize=groupsize, float_dtype=cast, tensor_bits=dict.fromkeys(head, head_bits)))
-    gen = source / "generation_config.json"
-    weights = writer.close(extra_files=tokenizer_files(source) + ([gen] if gen.is_file() else []))
-    config.pop("torch_dtype", None)
-    write_json(out / "config.json", {**config, "dtype": dtype})
+    weights = writer.close(extra_files=model_files(source))
+    write_json(out / "config.json", with_dtype(config, dtype))
 
     coded = linears | set(head) if quant is not None else set()
     for batch in tqdm(batches, desc="check packed", unit="part"):

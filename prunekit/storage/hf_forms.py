@@ -28,7 +28,7 @@ from ..artifacts import read_json, write_json
 from ..config import ConfigError
 from .checkpoint import SINGLE_FILE, CheckpointReader, TensorFileWriter
 from .export import decoder_linears, read_batches
-from .packing import Grid
+from .packing import Grid, with_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # a saved tokenizer's files (what AutoTokenizer.from_pretrained reads), as glob patterns
@@ -44,6 +44,13 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return files
 
 
+def model_files(folder: Path) -> list[Path]:
+    """What a model folder holds besides weights and config that every export form carries: its
+    tokenizer files and generation config (when it has one)."""
+    gen = folder / "generation_config.json"
+    return tokenizer_files(folder) + ([gen] if gen.is_file() else [])
+
+
 def copy_files(files: list[Path], out: Path) -> None:
     """Copy `files` into the folder `out`, as they are."""
     for f in files:
@@ -57,11 +64,9 @@ def _write_form(source: Path, out: Path, dtype: str, desc: str,
     written one decoder layer at a time: floating tensors cast to `dtype`, each decoder linear's
     weight replaced by `linear(name, weight)` ({tensor name: tensor}) when given."""
     out.mkdir(parents=True, exist_ok=True)
-    gen = source / "generation_config.json"
-    copy_files(tokenizer_files(source) + ([gen] if gen.is_file() else []), out)
+    copy_files(model_files(source), out)
     config = read_json(source / "config.json")
-    config.pop("torch_dtype", None)
-    write_json(out / "config.json", {**config, "dtype": dtype})
+    write_json(out / "config.json", with_dtype(config, dtype))
     reader, cast = CheckpointReader(source), DTYPES[dtype]
     linears = set(decoder_linears(reader.weight_map, config["model_type"])) if linear is not None else set()
     writer = TensorFileWriter(out / SINGLE_FILE, metadata={"format": "pt"})

@@ -60,6 +60,11 @@ XZ_PRESET = 1  # 33 MB -> 4.6 MB in about a second (preset 6: 3.5 MB, over ten t
 Grid = tuple[Tensor, Tensor]
 
 
+def with_dtype(config: dict, dtype: str) -> dict:
+    """An HF config.json naming `dtype` (transformers' key; the older torch_dtype dropped)."""
+    return {**{k: v for k, v in config.items() if k != "torch_dtype"}, "dtype": dtype}
+
+
 class PackingError(ValueError):
     """A tensor cannot be packed so that it reads back exactly (or a packed file is inconsistent)."""
 
@@ -372,8 +377,7 @@ def unpack_to_folder(folder: str | Path, out_dir: str | Path, dtype: str | None 
                 (tmp / f.name.removesuffix(".xz")).write_bytes(lzma.decompress(f.read_bytes()))
             elif f.is_file() and f.name not in (MANIFEST, WEIGHTS, "config.json"):
                 shutil.copy2(f, tmp / f.name)
-        config.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps({**config, "dtype": dtype}, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(with_dtype(config, dtype), indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
