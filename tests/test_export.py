@@ -248,10 +248,9 @@ LOAD_WITHOUT_PRUNEKIT = """
 import json, math, sys
 sys.modules["prunekit"] = None  # what a user without prunekit has: importing it fails
 import torch
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+from transformers import AutoModelForCausalLM
 folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
-kwargs = {} if sys.argv[3] == "default" else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+model = AutoModelForCausalLM.from_pretrained(folder).eval()  # transformers' default path
 with torch.no_grad():
     nll = model(input_ids=ids, labels=ids).loss.item()
 from safetensors import safe_open
@@ -274,8 +273,8 @@ print(json.dumps({"ppl": math.exp(nll), "dtype": str(weight.dtype), "zeros": int
 @pytest.mark.parametrize("sym", [True, False])
 def test_compressed_tensors_form_loads_without_prunekit(sym, tiny_models, tmp_path, monkeypatch):
     """The W4A16 folder loads in a fresh process with transformers + compressed-tensors and no
-    prunekit (symmetric grid: the default path; asymmetric: with dequantize=True, as
-    transformers requires), its perplexity is the pipeline's within 0.5%, its first linear is on
+    prunekit on transformers' default path (`from_pretrained(folder)`, no quantization_config
+    passed; an asymmetric grid too), its perplexity is the pipeline's within 0.5%, its first linear is on
     the grid with the pipeline's zeros."""
     import math
     import subprocess
@@ -290,8 +289,8 @@ def test_compressed_tensors_form_loads_without_prunekit(sym, tiny_models, tmp_pa
         expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
     zeros = int((model.model.layers[0].self_attn.q_proj.weight == 0).sum())
     folder = paths.export / "compressed-tensors"
-    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PRUNEKIT, str(folder), json.dumps(ids.tolist()),
-                           "default" if sym else "dequantize"], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PRUNEKIT, str(folder), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["dtype"] == "torch.bfloat16"
@@ -300,6 +299,10 @@ def test_compressed_tensors_form_loads_without_prunekit(sym, tiny_models, tmp_pa
     assert got["on_grid"] and -8 <= got["codes"][0] and got["codes"][1] <= (7 if sym else 15)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["symmetric"] == sym
+    assert config.get("dequantize", False) == (not sym)  # transformers' compressed path loads symmetric grids only
+    from compressed_tensors.quantization import QuantizationConfig
+
+    assert QuantizationConfig.model_validate(config).config_groups["group_0"].weights.symmetric == sym
 
 
 def test_a_grid_compressed_tensors_cannot_hold_or_an_unwritable_output_ends_in_one_line(tiny_models, tmp_path,

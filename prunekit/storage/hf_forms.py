@@ -12,8 +12,13 @@ is its signed code q − 2^(b−1) with zero point z − 2^(b−1); a symmetric 
 compressed-tensors' symmetric form (no zero point) holds it. Scales are stored in the export
 dtype, as compressed-tensors' own checkpoints do; dequantized weights then differ from the
 pipeline's fp32 ones by that rounding only, and pruned weights (code q = z) stay exactly zero.
-transformers loads asymmetric zero points only with `CompressedTensorsConfig(dequantize=True)`
-(llm-compressor #1618): the export says so in its summary when the grid is asymmetric.
+transformers (5.24) loads asymmetric zero points only when it dequantizes at load (llm-compressor
+#1618: its compressed path allocates them unpacked, the format stores them packed). An
+asymmetric export therefore sets `dequantize: true` in its `quantization_config`, the option
+transformers' CompressedTensorsConfig reads from config.json: `from_pretrained(dir)` loads it on
+the default path (weights dequantized to the export dtype once, at load; a symmetric export stays
+compressed until the first forward). compressed-tensors' QuantizationConfig ignores the key and
+vLLM's reader takes only the keys it knows; the tensors are the format's own.
 """
 from __future__ import annotations
 
@@ -123,10 +128,13 @@ def write_compressed_tensors(source: Path, out: Path, grids: dict[str, Grid], qu
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                  quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"])
     ModelCompressor(quantization_config=qconfig).update_config(str(out))
+    if not quant["sym"]:
+        config = read_json(out / "config.json")
+        config["quantization_config"]["dequantize"] = True
+        write_json(out / "config.json", config)
     return {"dir": out.name, "dtype": dtype, "format": "pack-quantized", "bytes": _bytes(out),
             "compressed_tensors": compressed_tensors.__version__,
-            "loads_with": "AutoModelForCausalLM.from_pretrained(dir)" if quant["sym"] else
-            "AutoModelForCausalLM.from_pretrained(dir, quantization_config=CompressedTensorsConfig(dequantize=True))"}
+            "loads_with": "AutoModelForCausalLM.from_pretrained(dir)"}
 
 
 def _bytes(folder: Path) -> int:
