@@ -6,6 +6,7 @@ from __future__ import annotations
 from prunekit.artifacts import read_json
 from prunekit.config import Params
 from prunekit.reporting.report import write_report
+from prunekit.storage.packing import MANIFEST
 from stages import common
 from stages.common import Paths
 
@@ -30,8 +31,11 @@ def run(params: Params, step) -> None:
         "report": paths.reports / "report.md", "runs": paths.reports / "runs.csv", "plots": paths.reports / "plots",
         "params_file": root / "params.yaml",
     }
+    exported = read_json(export_file) if export_file.is_file() else None
+    if exported is not None:  # every tensor's shape and nonzeros: the size table sizes each model from them
+        exported["manifest"] = read_json(paths.export / "packed" / MANIFEST)
     store_meta = paths.hessians / "zarr.json"
     write_report(params, {v: read_json(paths.reports / "metrics" / f"{v}.json") for v in common.VARIANTS},
                  read_json(paths.pruned / "prunekit.json"), read_json(paths.schedule),
-                 read_json(export_file) if export_file.is_file() else None, paths.reports, artifacts,
+                 exported, paths.reports, artifacts,
                  read_json(store_meta).get("attributes") if store_meta.is_file() else None)

@@ -105,6 +105,26 @@ def test_a_quantized_unpruned_tensor_packs_every_code_without_a_mask(bits, group
         packing.pack_linear(res.weight + 1e-3, (res.scales, res.zeros), bits=bits, groupsize=groupsize, sparse=False)
 
 
+@pytest.mark.parametrize("bits,groupsize,sparse,density", [
+    (None, None, True, 0.3), (None, None, True, 1.0), (4, 32, True, 0.3), (4, 32, True, 1.0), (3, 24, True, 0.51),
+    (8, None, True, 0.3), (4, 32, False, 1.0), (3, None, False, 1.0)])
+def test_packed_nbytes_is_what_pack_linear_writes(bits, groupsize, sparse, density):
+    """The report sizes every model of a run in the packed form from shapes and nonzero counts:
+    the count must be the bytes `pack_linear` writes (odd counts, narrow last group, every kind)."""
+    from prunekit.kernels import rtn
+
+    W = torch.randn(37, 100, generator=torch.Generator().manual_seed(5))
+    W = W * (torch.rand(W.shape, generator=torch.Generator().manual_seed(6)) < density)
+    grid = None
+    if bits is not None:
+        res = rtn(W, QuantSpec(bits=bits, groupsize=groupsize, mse=False))
+        W, grid = res.weight, (res.scales, res.zeros)
+    parts, entry = packing.pack_linear(W, grid, bits=bits or 4, groupsize=groupsize, float_dtype=torch.bfloat16,
+                                       sparse=sparse)
+    written = sum(t.numel() * t.element_size() for t in parts.values())
+    assert packing.packed_nbytes(tuple(W.shape), entry["nnz"], bits=bits, groupsize=groupsize, sparse=sparse) == written
+
+
 def run_stages(tmp_path, model_dir, monkeypatch, structure="unstructured", **overrides):
     """prepare_model -> calibrate -> prune (uniform schedule, sequential) -> quantize -> export,
     in process and without Prefect; returns the run's Paths."""

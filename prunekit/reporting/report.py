@@ -4,6 +4,7 @@ pruned model's stats and the export summary."""
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -194,6 +195,8 @@ def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, sched
               "![sparsity per block](plots/schedule.png)", "", "![estimated loss](plots/estimated_loss.png)", ""]
     if exported:
         lines += export_section(exported)
+        if exported.get("manifest"):
+            lines += size_quality_section(exported, evaluated, quant, labels, datasets)
     if runs is not None and len(runs):
         datasets = list(params.evaluate.datasets)
         lines += [
@@ -242,4 +245,77 @@ def export_section(exported: dict) -> list[str]:
         lines.append(f"| {label} | {size:,} | {size / b['fp16_tensors']:.3f} | {vs_src} |")
     lines += ["", (f"Source file: {src:,} bytes. " if src else "Source file: not on disk (a hub id). ") +
               "The folders' bytes include their tokenizer and config (the source GGUF holds its tokenizer too).", ""]
+    return lines
+
+
+SIZED = ("dense", "quantized", "pruned", "compressed")  # the models the size table compares
+
+
+def packed_sizes(manifest: dict, quant, value_bytes: int) -> dict[str, int]:
+    """Tensor bytes of the packed form of each model in `SIZED`, from the exported model's packed
+    manifest (every tensor's shape; the decoder linears' nonzeros): dense and 4-bit-only linears
+    keep every weight, pruned ones the exported model's nonzeros; values in `value_bytes` (the
+    export dtype), codes on the `quant` grid (the head on its own, `quantize.head`)."""
+    from ..storage.packing import packed_nbytes
+
+    sizes = dict.fromkeys(SIZED, 0)
+    for entry in manifest["tensors"].values():
+        shape, kind = entry["shape"], entry["kind"]
+        if kind == "dense":
+            n = math.prod(shape) * (value_bytes if "float" in entry["dtype"] else getattr(torch, entry["dtype"]).itemsize)
+            for model in SIZED:
+                sizes[model] += n
+            continue
+        numel = math.prod(shape)
+        if kind == "int":  # the quantized head: codes in the quantized models, values in the others
+            for model in SIZED:
+                coded = model in ("quantized", "compressed")
+                sizes[model] += packed_nbytes(shape, numel, bits=entry["bits"] if coded else None,
+                                              groupsize=entry["groupsize"], sparse=False) if coded else numel * value_bytes
+            continue
+        for model in SIZED:  # a decoder linear
+            nnz = entry["nnz"] if model in ("pruned", "compressed") else numel
+            bits = quant.bits if model in ("quantized", "compressed") and quant.enabled else None
+            sizes[model] += packed_nbytes(shape, nnz, bits=bits, groupsize=quant.groupsize)
+    return sizes
+
+
+def size_quality_section(exported: dict, evaluated: dict, quant, labels: dict, datasets: list[str]) -> list[str]:
+    """Every model of the run in every export form: bytes (against the bf16 folder and the file
+    the run started from) beside its perplexity."""
+    forms, src = exported["forms"], exported.get("source_bytes")
+    value_bytes = torch.finfo(getattr(torch, forms["hf"]["dtype"])).bits // 8
+    packed = packed_sizes(exported["manifest"], quant, value_bytes)
+    final = "compressed" if exported["quantized"] else "pruned"
+    extra = exported["bytes"]["packed_folder"] - packed[final]  # config, tokenizer, manifest, file header
+    bf16 = forms["hf"]["bytes"]
+
+    def cell(size: int | None, note: str = "") -> str:
+        if size is None:
+            return "–"
+        return f"{size / 1e6:.1f} MB ({size / bf16:.2f} / {size / src:.2f})" + note if src else \
+            f"{size / 1e6:.1f} MB ({size / bf16:.2f})" + note
+
+    quantized_models = {"quantized", "compressed"} if exported["quantized"] else set()
+    lines = ["## Size against quality", "",
+             "Each model of this run in each form: megabytes (× the bf16 `hf/` folder / × the source file), "
+             "beside its perplexity (the forms read back the model's weights: bf16 rounding, or exactly on the "
+             "grid; tests/test_export.py checks their perplexity against the pipeline's). `hf/`, "
+             "compressed-tensors and GGUF store every weight, so sparsity buys no bytes there; the packed form "
+             "stores the nonzeros only. Bytes of the exported model are measured; those of the others are "
+             "computed from the same shapes and nonzero counts (`packing.packed_nbytes`, tested against what "
+             "packing writes) plus the exported folder's other files.", "",
+             "| model | " + " | ".join(datasets) + " | `hf/` | compressed-tensors | GGUF | `packed/` |",
+             "|---|" + "---:|" * (len(datasets) + 4)]
+    for model in SIZED:
+        if model not in evaluated:
+            continue
+        ct = forms.get("compressed_tensors", {}).get("bytes") if model in quantized_models else None
+        gguf = forms["gguf"]["bytes"] if "gguf" in forms and model in quantized_models else None
+        gguf_cell = cell(src, " the source") if model == "dense" and "gguf" in forms else cell(gguf)
+        ppl = " | ".join(f"{evaluated[model]['ppl'][d]:.2f}" for d in datasets)
+        lines.append(f"| {labels[model]} | {ppl} | {cell(bf16)} | {cell(ct)} | {gguf_cell} | "
+                     f"{cell(packed[model] + extra)} |")
+    lines += ["", "Not in this job: a quantization-only model at the packed size of the pruned + quantized one "
+              "(about 3-bit GPTQ).", ""]
     return lines

@@ -156,6 +156,23 @@ def pack_linear(W: Tensor, grid: Grid | None = None, *, bits: int = 4, groupsize
     return out, entry
 
 
+def packed_nbytes(shape: tuple[int, int], nnz: int, *, bits: int | None = None, groupsize: int | None = None,
+                  sparse: bool = True, value_bytes: int = 2) -> int:
+    """Tensor bytes `pack_linear` writes for a (d_out, d_in) weight with `nnz` nonzeros: its mask
+    (when `sparse`) and values of `value_bytes` each, or with `bits` its codes, fp32 scales and
+    zero points; sizes a model's packed form without packing it (the report's size table)."""
+    d_out, d_in = shape
+    numel = d_out * d_in
+    count = nnz if sparse else numel
+    mask = -(-numel // 8) if sparse else 0
+    if bits is None:
+        return mask + count * value_bytes
+    grid = d_out * (1 if groupsize is None else -(-d_in // groupsize))
+    def small(n: int) -> int:  # ≤ 4-bit codes and zero points: two per byte
+        return -(-n // 2) if bits <= 4 else n
+    return mask + small(count) + 4 * grid + small(grid)
+
+
 def unpack_linear(tensors: Mapping[str, Tensor], entry: dict) -> Tensor:
     """The dense weight of one packed linear (see `pack_linear`), in its original dtype."""
     shape, nnz = tuple(entry["shape"]), entry["nnz"]
