@@ -7,14 +7,17 @@
     prunekit evaluate MODEL --text FILE   perplexity of a saved HF model folder on a text file
     prunekit unpack PACKED OUT      the packed export -> an HF model folder
 
-Bad input ends with one line `error: ...` and exit status 2.
+Bad input ends with one line `error: ...` and exit status 2; SIGINT (Ctrl-C) or SIGTERM with
+one line and status 130 or 143 (rerun to finish: DVC reruns a stage that did not end).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from prunekit.config import ConfigError, load_params
@@ -22,7 +25,7 @@ from prunekit.storage.hessian_store import StoreError
 from prunekit.storage.packing import PackingError
 from stages import STAGES
 
-from .server import offline_env
+from .server import api_server, offline_env
 
 
 def setup_environment() -> None:
@@ -46,7 +49,8 @@ def _flow(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     for name in STAGES:
         stage_module(name).check(params)
-    pipeline(params)
+    with api_server():
+        pipeline(params)
     return 0
 
 
@@ -66,7 +70,8 @@ def _stage(args: argparse.Namespace) -> int:
     extra = () if args.variant is None else (args.variant,)
     stage.check(params)
     require(*stage.needs(Paths.of(params), *extra))
-    run_stage(args.name, stage.run, params, *extra)
+    with api_server():
+        run_stage(args.name, stage.run, params, *extra)
     return 0
 
 
@@ -110,10 +115,18 @@ def _unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line ending like any bad input: one line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0],
-                                epilog="Bad input ends with one line `error: ...` and exit status 2.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _Parser(prog="prunekit", description=__doc__.splitlines()[0],
+                epilog="Bad input ends with one line `error: ...` and exit status 2 (PRUNEKIT_DEBUG=1: with its "
+                       "traceback).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     run = sub.add_parser("run", help="the DVC pipeline (dvc repro) with one loopback Prefect server")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro (e.g. -f report)")
     run.set_defaults(fn=_run)
@@ -149,14 +162,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt: the stage's flow
+    run is reported crashed and the server this command started is stopped on the way out."""
+
+    signum = signal.SIGTERM
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_environment()
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return args.fn(args)
     except (ConfigError, StoreError, PackingError) as exc:
+        if os.environ.get("PRUNEKIT_DEBUG"):
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"error: stopped by {signal.Signals(signum).name} before the end; run the command again "
+              f"(or `dvc repro`) to finish", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

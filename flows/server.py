@@ -5,6 +5,11 @@ Without PREFECT_API_URL every Python process that runs a flow starts its own tem
 127.0.0.1 (state under PREFECT_HOME inside the project, telemetry off), runs the command with
 PREFECT_API_URL pointing at it, and stops the server afterwards.
 
+The server goes when its user goes: on Linux it gets SIGTERM from the kernel when the process
+that started it dies, however it dies (SIGKILL included), so no server outlives a killed
+stage. SIGTERM or Ctrl-C to `prunekit run` reaches dvc and the stage it runs (their own process
+group), which end with one line; the server is stopped after them.
+
     prunekit run                        # = python -m flows.server dvc repro
     python -m flows.server prunekit flow
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,15 +46,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Run by the server's interpreter before Prefect: ask the kernel for SIGTERM when the parent
+# dies (PR_SET_PDEATHSIG = 1; kept across exec), leave if it is already gone, then become
+# `prefect server start`. Not a preexec_fn: that is unsafe in a process with threads.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != parent:
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, "-m", "prefect", *sys.argv[2:]])
+"""
+
+
 @contextmanager
 def prefect_server(timeout: float = 60.0) -> Iterator[str]:
-    """Start `prefect server start` on a free loopback port; yield its API URL."""
+    """Start `prefect server start` on a free loopback port; yield its API URL. The server
+    stops when the block ends and, on Linux, when this process dies without ending it."""
     port = _free_port()
     env = offline_env()
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     log = open(Path(env["PREFECT_HOME"]) / "server.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
@@ -86,7 +108,45 @@ def main(argv: list[str]) -> int:
     with prefect_server() as url:
         print(f"prefect server at {url} (started in {time.monotonic() - started:.1f} s)", file=sys.stderr)
         env["PREFECT_API_URL"] = url
-        return subprocess.call(argv, env=env)
+        return run_forwarding_signals(argv, env)
+
+
+def run_forwarding_signals(argv: list[str], env: dict) -> int:
+    """Run argv in its own process group and wait for it; SIGINT and SIGTERM sent here go to
+    that whole group (dvc and the stage it runs), so the command stops as it would at a
+    terminal, and this returns its exit status after it has."""
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+
+
+@contextmanager
+def api_server() -> Iterator[None]:
+    """The Prefect API for this process's flows: the one PREFECT_API_URL names (`prunekit run`
+    sets it), else a loopback server of its own for the duration of the block (instead of
+    Prefect's temporary one, which outlives a killed process and dies on Ctrl-C before the
+    flow can report it)."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    with prefect_server() as url:
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield
+        finally:
+            del os.environ["PREFECT_API_URL"]
 
 
 if __name__ == "__main__":
