@@ -13,6 +13,8 @@ The defaults here are params.yaml's (a test keeps the two equal).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A parameter or input path is invalid; the message is one line meant for the user."""
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, EOFError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return errors
+    return (*errors, SafetensorError)
+
+
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """What goes wrong reading a user's input (a file or folder missing, damaged, truncated or not
+    what it claims to be; a hub id that cannot be reached) as one ConfigError line naming `what`
+    and the reader's first line of explanation. The original error stays the cause (a debug run
+    prints it: PRUNEKIT_DEBUG=1)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except _read_errors() as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot read {what}: {reason}") from exc
 
 
 class _Section(BaseModel):

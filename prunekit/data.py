@@ -31,8 +31,17 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a file; ConfigError naming the file and the first bad byte otherwise."""
+    data = _existing(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start} of {len(data)}): give a plain text file") from None
+
+
 def wikitext_text(path: Path) -> str:
-    rows = ["" if line.strip() == "" else line for line in _existing(path).read_text("utf-8").splitlines(True)]
+    rows = ["" if line.strip() == "" else line for line in _read_text(path).splitlines(True)]
     return "\n\n".join(rows)
 
 
@@ -47,7 +56,7 @@ def c4_text(docs: tuple[int, int]) -> str:
 
 
 def plain_text(path: Path) -> str:
-    return " ".join(line.strip() for line in _existing(path).read_text("utf-8").splitlines() if line.strip())
+    return " ".join(line.strip() for line in _read_text(path).splitlines() if line.strip())
 
 
 def load_text(source: str, c4_docs: tuple[int, int] = C4_EVAL_DOCS) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .artifacts import replace_dir
-from .config import ConfigError
+from .config import ConfigError, reading
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,22 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None
 
 
+def _what(kind: str, source: str, gguf: str | None) -> str:
+    """How a read error names the source: a GGUF file's reader errors (a reshape, a bad byte)
+    and a local checkpoint's mean a damaged or truncated file, so say so."""
+    if gguf is not None:
+        return f"{kind} {source} (a damaged or truncated GGUF file?)"
+    if kind == "model" and Path(source).is_dir():
+        return f"{kind} {source} (damaged or truncated files? rerun the stage that wrote it)"
+    return f"{kind} {source}"
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     where, gguf = resolve_source(source)
-    return AutoTokenizer.from_pretrained(where, gguf_file=gguf)
+    with reading(_what("the tokenizer of", source, gguf)):
+        return AutoTokenizer.from_pretrained(where, gguf_file=gguf)
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -167,11 +178,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, device: str | to
     from transformers import AutoModelForCausalLM
 
     where, gguf = resolve_source(source)
-    try:
-        with gguf_parse_once():
-            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype)
-    except OSError as exc:
-        raise ConfigError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
+    with reading(_what("model", source, gguf)), gguf_parse_once():
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype)
     adapter_for(model)
     if gguf is not None:
         _drop_gguf_marker(model, source)
@@ -228,7 +236,8 @@ def max_positions(source: str) -> int | None:
     from transformers import AutoConfig
 
     where, gguf = resolve_source(source)
-    config = AutoConfig.from_pretrained(where, gguf_file=gguf)
+    with reading(_what("the config of", source, gguf)):
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf)
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -254,6 +263,18 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict | N
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device `name` names (auto: CUDA when there is one); ConfigError for one this
+    machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"runtime.device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if device.type not in available or not available[device.type]():
+        raise ConfigError(f"runtime.device {name!r}: this machine has no {device.type} device (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"runtime.device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -40,6 +40,7 @@ class Paths:
     quantized: Path
     export: Path
     reports: Path
+    checked: Path
 
     @classmethod
     def of(cls, params: Params, root: Path | None = None) -> "Paths":
@@ -61,6 +62,7 @@ class Paths:
             quantized=data / "quantized" / m,
             export=data / "export" / m,
             reports=root / "reports",
+            checked=data / "params.checked",
         )
 
     def model_dir(self, which: str) -> Path:

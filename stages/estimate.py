@@ -1,4 +1,4 @@
-"""estimate: model + dense Hessians -> estimated pruning loss per linear over a sparsity grid."""
+"""estimate: model + dense Hessians (of its calibration) -> estimated pruning loss per linear over a sparsity grid."""
 from __future__ import annotations
 
 import pandas as pd
@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from prunekit.allocation.estimate import estimate_layer
 from prunekit.artifacts import write_atomic
 from prunekit.config import Params
+from prunekit.data import read_calibration
 from prunekit.models import layer_linears
 from prunekit.reporting import plots
 from prunekit.storage.hessian_store import HessianStore
@@ -19,13 +20,14 @@ def check(params: Params) -> None:
 
 
 def needs(paths: Paths) -> list:
-    return [paths.model, paths.hessians]
+    return [paths.model, paths.calib, paths.hessians]
 
 
 def run(params: Params, step) -> None:
     paths, e = Paths.of(params), params.estimate
     source = open_model(params, paths.model, torch.device("cpu"))  # streamed: one layer at a time
-    store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model))
+    store = HessianStore.open_for_reading(paths.hessians, model_fingerprint(paths.model),
+                                          read_calibration(paths.calib)[1]["fingerprint"])
     rows = []
     for i in tqdm(range(len(source.layers)), desc="estimate", unit="layer"):
         with source.layer(i) as layer:

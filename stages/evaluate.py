@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from prunekit.artifacts import read_json, write_json
@@ -22,6 +23,20 @@ def check(params: Params) -> None:
     for name in params.evaluate.datasets:
         if name not in (*WIKITEXT, "c4") and not Path(name).is_file():
             raise ConfigError(f"unknown evaluation dataset {name!r}: use {', '.join(WIKITEXT)}, c4 or a text file path")
+
+
+def non_finite_reason(variant: str, model_dir: Path, text: str) -> str:
+    """Why the perplexity on `text` is not a number: the first weight with NaN or inf values
+    (read tensor by tensor from the folder), else the loss itself."""
+    from prunekit.storage.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(model_dir)
+    for name in sorted(reader.weight_map):
+        tensor = reader.read([name])[name]
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            return (f"the {variant} model {model_dir} has NaN or inf weights in {name}; no perplexity recorded "
+                    f"(rerun the stage that made it)")
+    return f"the {variant} model {model_dir} gives a NaN or inf loss on {text}; no perplexity recorded"
 
 
 def needs(paths: Paths, variant: str = "dense") -> list:
@@ -49,6 +64,8 @@ def run(params: Params, step, variant: str = "dense") -> None:
     results = evaluate_model(source, {name: streams[name] for name in e.datasets}, tokens["bos"], e.seqlen,
                              e.max_windows)
     for name, r in results.items():
+        if not math.isfinite(r["ppl"]):
+            raise ConfigError(non_finite_reason(variant, model_dir, name))
         log.info("%s %s ppl %.3f over %d tokens", variant, name, r["ppl"], r["tokens"])
     write_json(out, {
         "model": variant,

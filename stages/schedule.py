@@ -38,14 +38,15 @@ def run(params: Params, step) -> None:
     paths, target, s = Paths.of(params), params.prune.sparsity, params.schedule
     estimates = pd.read_parquet(paths.estimates)
     extra: dict = {}
-    write_atomic(paths.reports / "search.csv", "generation,fitness,accepted,seconds\n")  # filled by a search
-    plots.search_history(None, paths.reports / "plots" / "search.png")
     if s.allocator in MEASURED:
         table = allocate(estimates, target, s.model_copy(update={"allocator": "uniform"}))
         sparsity = _ranked(params, paths) if s.allocator == "ranked" else _searched(params, paths, step, extra)
         table["sparsity"] = table["key"].map(sparsity).astype(float)
     else:
         table = allocate(estimates, target, s)
+    if "search" not in extra:  # written only once the schedule is made: a refusal leaves the last ones
+        write_atomic(paths.reports / "search.csv", "generation,fitness,accepted,seconds\n")
+        plots.search_history(None, paths.reports / "plots" / "search.png")
     achieved = float(np.average(table["sparsity"], weights=table["params"]))
     write_json(paths.schedule, {
         "target": target,

@@ -1,11 +1,15 @@
 """Bad input through the real entry points: one clear line on stderr, exit status 2, no traceback,
-and nothing half-written. Cases that params.yaml alone refuses run `prunekit stage` in this
-process (its `main`); the others run it in a process of its own, as `dvc repro` does.
+and the working directory exactly as it was (no file written, deleted or touched). Cases that
+params.yaml alone refuses run `prunekit stage` in this process (its `main`); the others run it
+in a process of its own, as `dvc repro` does (tests/test_pipeline_dvc.py runs bad values through
+`dvc repro` and `dvc exp run -S`).
 
 Every case: (stage [args], params overrides, expected message, out that must not appear, setup).
-The setups make the bad artifact (a model with NaN weights, a Hessian store that is corrupted,
-truncated, from another model or not a Hessian, a broken schedule or calibration file) next to
-the good ones of a prepared working directory.
+The setups make the bad input (a model with NaN weights; a GGUF file of random bytes or cut in
+half; a config that is not JSON; a hub id while offline; a text that is not UTF-8; a checkpoint
+cut in half; a Hessian store that is corrupted, truncated, from another model or other
+calibration; a broken schedule, one for another sparsity, a calibration file that is not one)
+next to the good ones of a prepared working directory.
 """
 import json
 import logging
@@ -18,6 +22,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 import zarr
 from conftest import tiny_params
@@ -153,7 +158,7 @@ def _valid_schedule(cwd, params, tmp):
     keys = prunable_parameters(model, adapter_for(model))
     path = cwd / "data/schedule/tiny.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"sparsity": {k: 0.7 for k in keys}}))
+    path.write_text(json.dumps({"target": 0.7, "sparsity": {k: 0.7 for k in keys}}))
 
 
 def _schedule_missing(cwd, params, tmp):
@@ -169,7 +174,80 @@ def _schedule_not_json(cwd, params, tmp):
 def _schedule_of_other_model(cwd, params, tmp):
     path = cwd / "data/schedule/tiny.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"sparsity": {"0.attention.query_key_value": 0.7}}))
+    path.write_text(json.dumps({"target": 0.7, "sparsity": {"0.attention.query_key_value": 0.7}}))
+
+
+def _random_gguf(cwd, params, tmp):
+    (tmp / "random.gguf").write_bytes(os.urandom(4096))
+    params["model"].update(name="other", source=str(tmp / "random.gguf"))
+
+
+def _truncated_gguf(cwd, params, tmp):
+    """A valid GGUF file (written by the gguf package) cut in half."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(tmp / "whole.gguf", "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_tensor("token_embd.weight", np.ones((256, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = (tmp / "whole.gguf").read_bytes()
+    (tmp / "half.gguf").write_bytes(data[: len(data) // 2])
+    params["model"].update(name="other", source=str(tmp / "half.gguf"))
+
+
+def _config_not_json(cwd, params, tmp):
+    shutil.copytree(params["model"]["source"], tmp / "badconfig")
+    (tmp / "badconfig" / "config.json").write_text('{"model_type": "llama",')
+    params["model"].update(name="other", source=str(tmp / "badconfig"))
+
+
+def _hub_id_offline(cwd, params, tmp):
+    params["model"].update(name="other", source="some-org/some-model")
+
+
+def _text_not_utf8(cwd, params, tmp):
+    (tmp / "latin1.txt").write_bytes("Le café est très chaud. ".encode("latin-1") * 2000)
+    params["calibration"]["source"] = str(tmp / "latin1.txt")
+
+
+def _model_as(cwd, params, name: str) -> Path:
+    """The prepared tiny model and its evaluation tokens under model name `name`; the copied folder."""
+    params["model"]["name"] = name
+    shutil.copy(cwd / "data/calib/tiny__eval.parquet", cwd / f"data/calib/{name}__eval.parquet")
+    dst = cwd / "data/pruned" / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(cwd / "data/models/tiny", dst)
+    return dst
+
+
+def _truncated_safetensors(cwd, params, tmp):
+    weights = _model_as(cwd, params, "cut") / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+
+def _nan_in_pruned(cwd, params, tmp):
+    from safetensors.torch import load_file, save_file
+
+    weights = _model_as(cwd, params, "naneval") / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def _estimates_and_a_search(cwd, params, tmp):
+    """The schedule stage's inputs (made by their stages), and the reports of an earlier search
+    that a refusal must keep."""
+    for stage, out in (("estimate", "data/estimates/tiny.parquet"), ("sensitivity", "data/sensitivity/tiny__c4.parquet")):
+        if not (cwd / out).is_file():
+            proc = _stage(cwd, stage)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    (cwd / "reports").mkdir(exist_ok=True)
+    (cwd / "reports/search.csv").write_text("generation,fitness,accepted,seconds\n0,1.5,True,0.1\n")
 
 
 def _calibration_not_parquet(cwd, params, tmp):
@@ -214,7 +292,23 @@ CASES = {
     "unsupported architecture, streamed": Case("prepare_model",
                                                {"model": {"name": "other"}, "runtime": {"stream": True}},
                                                "unsupported architecture 'gpt2'", "data/models/other", "_gpt2"),
+    "random bytes as .gguf": Case("prepare_model", {}, "does not start with the GGUF magic bytes", "data/models/other",
+                                  "_random_gguf"),
+    "truncated .gguf": Case("prepare_model", {}, "(a damaged or truncated GGUF file?)", "data/models/other",
+                            "_truncated_gguf"),
+    "config.json not JSON": Case("prepare_model", {}, "config.json' is not a valid JSON file", "data/models/other",
+                                 "_config_not_json"),
+    "hub id while offline": Case("prepare_model", {}, "cannot read the tokenizer of some-org/some-model",
+                                 "data/models/other", "_hub_id_offline"),
+    "device the machine lacks": Case("check", {"runtime": {"device": "cuda:7" if torch.cuda.is_available() else "cuda"}},
+                                     "runtime.device", "data/params.checked"),
+    "device name unknown": Case("check", {"runtime": {"device": "gpu"}}, "is not a device name", "data/params.checked"),
+    "extra CLI argument": Case("prune", {}, "stage prune takes no variant, got 'extra'", "data/pruned", args=("extra",)),
+    "two variants": Case("evaluate", {}, "unrecognized arguments: pruned", "reports/metrics/dense.json",
+                         args=("dense", "pruned")),
     # calibration
+    "text not UTF-8": Case("calibrate", {"calibration": {**FRESH}}, "latin1.txt is not UTF-8 text (byte 6 of",
+                           "data/calib/tiny__fresh.parquet", "_text_not_utf8"),
     "no samples": Case("calibrate", {"calibration": {**FRESH, "nsamples": 0}}, "invalid parameter calibration.nsamples",
                        "data/calib/tiny__fresh.parquet"),
     "seqlen beyond the model": Case("calibrate", {"calibration": {**FRESH, "seqlen": 4096}},
@@ -246,7 +340,15 @@ CASES = {
     "Hessian not positive semi-definite": Case("prune", {"prune": {"mode": "parallel"}},
                                                "layer 1 array self_attn.q_proj is not positive semi-definite",
                                                "data/pruned", "_not_psd_hessian"),
+    "estimate from a store of other calibration": Case("estimate", {}, "was computed from other calibration data",
+                                                       "data/estimates", "_store_of_other_calibration"),
     # the schedule
+    "schedule for another sparsity": Case("prune", {"prune": {"sparsity": 0.5}},
+                                          "was made for sparsity 0.7, prune.sparsity is 0.5", "data/pruned",
+                                          "_valid_schedule"),
+    "kmeans K above the blocks": Case("schedule", {"schedule": {"allocator": "kmeans", "k": 50}},
+                                      "schedule.k = 50 exceeds the number of units", "data/schedule",
+                                      "_estimates_and_a_search"),
     "schedule missing": Case("prune", {}, "missing input", "data/pruned", "_schedule_missing"),
     "schedule not JSON": Case("prune", {}, "tiny.json is unreadable or not JSON (JSONDecodeError); rerun the schedule",
                               "data/pruned", "_schedule_not_json"),
@@ -256,8 +358,18 @@ CASES = {
     "unknown evaluation dataset": Case("evaluate", {"evaluate": {"datasets": ["imagenet"]}},
                                        "unknown evaluation dataset 'imagenet'", "reports/metrics/dense.json",
                                        args=("dense",)),
+    "evaluate a truncated checkpoint": Case("evaluate", {}, "(damaged or truncated files? rerun the stage that wrote it)",
+                                            "reports/metrics/pruned.json", "_truncated_safetensors", args=("pruned",)),
+    "evaluate NaN weights": Case("evaluate", {}, "has NaN or inf weights in model.layers.1.mlp.up_proj.weight; no "
+                                 "perplexity recorded", "reports/metrics/pruned.json", "_nan_in_pruned", args=("pruned",)),
     "unknown model variant": Case("evaluate", {}, "needs one of dense, quantized, uniform, pruned, compressed, got 'bogus'", "reports/metrics", args=("bogus",)),
 }
+
+
+def _snapshot(cwd: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file of the working directory but Prefect's state."""
+    return {str(p.relative_to(cwd)): (p.stat().st_size, p.stat().st_mtime_ns) for p in cwd.rglob("*")
+            if p.is_file() and ".prefect" not in p.relative_to(cwd).parts}
 
 
 def _refused_by_params(workdir: Path, stage: str) -> bool:
@@ -284,6 +396,7 @@ def test_bad_input_fails_cleanly(name, workdir, tiny_models, tmp_path, monkeypat
         globals()[case.setup](workdir, params, tmp_path)
         if not case.setup.startswith("_params_"):  # those break params.yaml itself
             (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    before = _snapshot(workdir)
     if _refused_by_params(workdir, case.stage):  # pure validation: the command's own main, in process
         from flows import cli
 
@@ -304,5 +417,6 @@ def test_bad_input_fails_cleanly(name, workdir, tiny_models, tmp_path, monkeypat
     assert "Traceback" not in stderr
     if case.absent:
         assert not (workdir / case.absent).exists(), case.absent
+    assert _snapshot(workdir) == before  # nothing written, deleted or touched
     assert (workdir / CALIB).is_file() and HessianStore.open_for_reading(
         workdir / STORE, json.loads((workdir / "data/models/tiny/prunekit.json").read_text())["fingerprint"])

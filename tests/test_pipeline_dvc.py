@@ -1,6 +1,8 @@
 """The real DVC pipeline on a tiny model in a temporary copy of the repo: full run, partial
-rerun after a late-stage parameter change (never the Hessians), no-op, experiments, and a
+rerun after a late-stage parameter change (never the Hessians), no-op, experiments, bad
+values through `dvc repro` and `dvc exp run -S` (refused before any out is touched), and a
 push/pull round trip of the Hessian cache through a local remote."""
+import hashlib
 import json
 import os
 import shutil
@@ -56,7 +58,7 @@ def test_full_then_partial_rerun_then_noop(repo):
     params["prune"]["sparsity"] = 0.6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     second = _ran(_sh(["dvc", "repro"], repo).stdout)
-    assert second == {"schedule", "prune", "quantize", "export", "baseline@uniform", "evaluate@uniform", "evaluate@pruned",
+    assert second == {"check", "schedule", "prune", "quantize", "export", "baseline@uniform", "evaluate@uniform", "evaluate@pruned",
                       "evaluate@compressed", "report"}
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["sparsity"]["achieved"] == pytest.approx(0.6, abs=0.01)
@@ -85,3 +87,40 @@ def test_hessian_cache_round_trips_through_the_remote(repo):
     assert store.is_dir()
     out = _sh(["dvc", "repro"], repo)
     assert "hessians" not in _ran(out.stdout)
+
+
+def _workspace(repo: Path) -> dict[str, str]:
+    """Every file of the pipeline's outputs and records: its content's hash by path. (Contents, not
+    times: `dvc exp run` stashes and restores git-tracked files, same bytes, new times.)"""
+    files = [p for top in ("data", "reports") for p in (repo / top).rglob("*") if p.is_file()] + [repo / "dvc.lock"]
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.parametrize("command, key, value, message", [
+    (["dvc", "exp", "run", "-S"], "prune.sparsity", "1.0", "invalid parameter prune.sparsity"),
+    (["dvc", "exp", "run", "-S"], "schedule.k", "0", "invalid parameter schedule.k"),
+    (["dvc", "repro"], "evaluate.datasets", ["wikitxet2"], "unknown evaluation dataset 'wikitxet2'"),
+    (["dvc", "repro"], "prune.structure", "2:4", "needs schedule.allocator 'uniform'"),
+])
+def test_bad_value_under_dvc_touches_nothing(repo, command, key, value, message):
+    """The check stage refuses the value before DVC deletes any out: every output, plot, metric
+    and dvc.lock stay as they were (a refused `dvc exp run -S` leaves only its value in
+    params.yaml, where DVC wrote it)."""
+    _sh(["dvc", "repro"], repo)  # up to date, whatever ran before
+    params_before = (repo / "params.yaml").read_text()
+    before = _workspace(repo)
+    if command[:3] == ["dvc", "exp", "run"]:
+        proc = _sh([*command, f"{key}={value}"], repo, check=False)
+    else:
+        params = yaml.safe_load(params_before)
+        section, name = key.split(".")
+        params[section][name] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        proc = _sh(command, repo, check=False)
+    (repo / "params.yaml").write_text(params_before)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], output[-2000:]
+    assert "Traceback" not in output
+    assert _ran(proc.stdout) == {"check"}
+    assert _workspace(repo) == before

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, reading
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,17 +36,23 @@ class CheckpointReader:
     """
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
-        self.folder, self._open = Path(folder), safe_open
+        self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            with reading(str(index)):
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         elif (self.folder / SINGLE_FILE).is_file():
-            with safe_open(self.folder / SINGLE_FILE, "pt") as f:
+            with self._open(SINGLE_FILE) as f:
                 self.weight_map = {k: SINGLE_FILE for k in f.keys()}
         else:
             raise ConfigError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; streaming needs safetensors")
+
+    def _open(self, file: str):
+        """safe_open of one file of the folder; a damaged or truncated file -> ConfigError."""
+        from safetensors import safe_open
+
+        with reading(f"{self.folder / file} (damaged or truncated? rerun the stage that wrote it)"):
+            return safe_open(self.folder / file, "pt")
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -58,19 +64,19 @@ class CheckpointReader:
             by_file.setdefault(self.weight_map[name], []).append(name)
         out = {}
         for file, file_names in by_file.items():
-            with self._open(self.folder / file, "pt") as f:
+            with self._open(file) as f:
                 for name in file_names:
                     out[name] = f.get_tensor(name)
         return out
 
     def header(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        with self._open(self.folder / self.weight_map[name], "pt") as f:
+        with self._open(self.weight_map[name]) as f:
             part = f.get_slice(name)
             return _TORCH_DTYPES[part.get_dtype()], tuple(part.get_shape())
 
     def chunks(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """The tensor as consecutive row blocks of at most ~max_bytes (whole if 0-d or small)."""
-        with self._open(self.folder / self.weight_map[name], "pt") as f:
+        with self._open(self.weight_map[name]) as f:
             part = f.get_slice(name)
             shape = part.get_shape()
             row_bytes = max(1, int(torch.Size(shape[1:]).numel()) * _TORCH_DTYPES[part.get_dtype()].itemsize)
