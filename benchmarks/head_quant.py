@@ -8,11 +8,12 @@ model, replaces the head by `quantize_head`'s result and is evaluated on the sam
 the ratio to the float head is a paired comparison (bootstrap over windows, 95%). The texts are
 not the test texts, so that `quantize.head` is chosen without looking at them: WikiText-2
 validation, and the calibration documents of C4 (1000–1999; the calibration windows are drawn at
-random from them, these are its first windows). Quantization time: see the quantize stage's log
-(this script may share the machine).
+random from them, these are its first windows). `head_seconds` is the head's quantization time in
+this run (on a shared machine, see the quantize stage's log instead).
 
     python benchmarks/head_quant.py                                  # after `prunekit run`
     python benchmarks/head_quant.py --windows 32 --json reports/head_quant.json
+    python benchmarks/head_quant.py --variants 4:gptq:mse,4:gptq:minmax   # the head's grid search
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +38,13 @@ from prunekit.models import load_tokenizer  # noqa: E402
 from prunekit.reporting.intervals import ppl_interval, ratio_interval  # noqa: E402
 from stages.common import Paths  # noqa: E402
 
-VARIANTS = [(None, None), (8, "rtn"), (8, "gptq"), (4, "rtn"), (4, "gptq")]
+VARIANTS = [(None, None, None), (8, "rtn", None), (8, "gptq", None), (4, "rtn", None), (4, "gptq", None),
+            (4, "gptq", False)]  # (bits, method, mse: None as quantize.mse); the first is the float head
+
+
+def _variant(text: str) -> tuple:
+    bits, method, *grid = text.split(":")
+    return int(bits), method, {"": None, "mse": True, "minmax": False}[grid[0] if grid else ""]
 
 
 def main() -> None:
@@ -44,11 +52,15 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per text")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--variants", type=lambda t: [_variant(v) for v in t.split(",")], default=None,
+                    help="head variants besides the float head, e.g. 4:gptq,4:gptq:minmax (default: all)")
+    ap.add_argument("--bases", default="dense,pruned", help="base models (default: dense,pruned)")
     args = ap.parse_args()
+    variants = VARIANTS if args.variants is None else [VARIANTS[0], *args.variants]
     params = load_params(args.params)
     seqlen = params.evaluate.seqlen
     paths = Paths.of(params, ROOT)
-    bases = {"dense": paths.model, "pruned": paths.pruned}
+    bases = {name: {"dense": paths.model, "pruned": paths.pruned}[name] for name in args.bases.split(",")}
     tokenizer = load_tokenizer(str(bases["dense"]))
     bos = bos_id(tokenizer)
     texts = {"wikitext2-valid": load_text("wikitext2-valid"), "c4-calibration-docs": c4_text(tuple(params.calibration.c4_docs))}
@@ -63,22 +75,26 @@ def main() -> None:
         head = head_weight_name(source)
         original = source.model.state_dict(keep_vars=True)[head].data.clone()
         reference = None
-        for bits, method in VARIANTS:
+        for bits, method, mse in variants:
             if bits is not None:
                 q = params.quantize.model_copy(update={"head": params.quantize.head.model_copy(
-                    update={"bits": bits, "method": method})})
+                    update={"bits": bits, "method": method, "mse": mse})})
+                started = time.perf_counter()
                 result = quantize_head(source.model, runner.inputs, q)
+                seconds = time.perf_counter() - started
                 source.update(head, result.weight)
             scores = {t: perplexity(source, w, desc=f"{base} {bits} {method}") for t, w in windows.items()}
             source.update(head, original)
             reference = reference or scores
-            row = {"base": base, "head_bits": bits, "method": method}
+            row = {"base": base, "head_bits": bits, "method": method, "head_seconds": seconds if bits else None,
+                   "head_mse": None if bits is None else params.quantize.mse if mse is None else mse}
             for t, r in scores.items():
                 ratio = ratio_interval(r["window_nll"], reference[t]["window_nll"])
                 row[t] = {"ppl": r["ppl"], "ppl_ci95": list(ppl_interval(r["window_nll"])),
                           "vs_float_head": list(ratio), "window_nll": r["window_nll"]}
             rows.append(row)
-            print(f"{base:6s} head {str(bits or 'float'):5s} {method or '':4s}  " + "  ".join(
+            grid = "" if bits is None else "mse" if row["head_mse"] else "minmax"
+            print(f"{base:6s} head {str(bits or 'float'):5s} {method or '':4s} {grid:6s}  " + "  ".join(
                 f"{t} {row[t]['ppl']:.2f} ({row[t]['vs_float_head'][0]:.3f}x [{row[t]['vs_float_head'][1]:.3f}, "
                 f"{row[t]['vs_float_head'][2]:.3f}])" for t in windows), flush=True)
     if args.json:

@@ -198,6 +198,7 @@ class HeadQuantParams(_Section):
     # weights), on the linears' grid (bits here; groupsize, sym, mse as theirs). null: kept in float.
     bits: int | None = Field(4, ge=2, le=8)
     method: Literal["gptq", "rtn"] = "gptq"  # GPTQ on the head's input Hessian | plain rounding
+    mse: bool | None = None  # the grid range search for the head; null: as quantize.mse
 
 
 class QuantizeParams(_Section):

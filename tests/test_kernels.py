@@ -802,3 +802,25 @@ def test_cuda_matches_cpu():
     q = gptq(W.cuda(), H.cuda(), QuantSpec(bits=4, groupsize=64, act_order=True))
     assert q.weight.is_cuda and q.scales.is_cuda
     assert wanda(W.cuda(), f_gpu, 0.5).weight.is_cuda and magnitude(W.cuda(), 0.5).weight.is_cuda
+
+
+def test_head_grid_search_follows_quantize_mse_unless_the_head_says_otherwise(tiny_models):
+    """quantize.head.mse: null takes quantize.mse; false gives the head min-max grids, whose
+    sum |w - q|^2.4 is never below the searched grids' (the full range is one of the candidates)."""
+    from prunekit.compression.quantize import quantize_head
+    from prunekit.config import HeadQuantParams, QuantizeParams
+    from prunekit.models import load_model
+
+    model = load_model(str(tiny_models["llama"]))
+    head = model.get_output_embeddings().weight
+    head.data[:, 3] *= 8  # heavy-tailed columns: the searched range pays
+    results = {}
+    for name, quant_mse, head_mse in (("follows", True, None), ("searched", True, True), ("min-max", True, False),
+                                      ("both off", False, None)):
+        params = QuantizeParams(bits=3, groupsize=32, mse=quant_mse,
+                                head=HeadQuantParams(bits=3, method="rtn", mse=head_mse))
+        results[name] = quantize_head(model, [], params).weight
+    error = {k: (w - head.data).abs().pow(2.4).sum().item() for k, w in results.items()}
+    assert torch.equal(results["follows"], results["searched"])
+    assert torch.equal(results["min-max"], results["both off"])
+    assert error["searched"] < error["min-max"]

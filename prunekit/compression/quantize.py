@@ -89,13 +89,15 @@ def head_weight_name(source: LayerSource) -> str:
 
 def quantize_head(model: nn.Module, hidden: list[torch.Tensor], params: QuantizeParams,
                   hessian_dtype: torch.dtype = torch.float32) -> kernels.KernelResult:
-    """The LM head's weight on params.head.bits-bit grids (groupsize, sym and mse as the linears'):
+    """The LM head's weight on params.head.bits-bit grids (groupsize and sym as the linears', mse
+    as theirs unless params.head.mse says otherwise):
     GPTQ with the Hessian of the head's inputs — the final norm(s) of `hidden`, the last decoder
     layer's outputs of the calibration windows — or plain rounding (`method: rtn`). The model is
     not modified. A tied embedding's lookups get the same weights, though GPTQ weighs only the
     head's outputs (benchmarks/head_quant.py measures the whole model)."""
+    mse = params.mse if params.head.mse is None else params.head.mse
     spec = kernels.QuantSpec(bits=params.head.bits, sym=params.sym, groupsize=params.groupsize,
-                             act_order=params.act_order, mse=params.mse)
+                             act_order=params.act_order, mse=mse)
     W = model.get_output_embeddings().weight.data
     if params.head.method == "rtn":
         return kernels.rtn(W, spec)

@@ -124,7 +124,9 @@ def _markdown(params: Params, evaluated: dict, ratios: dict, pruned: dict, sched
     quant = params.quantize
     gptq = f"GPTQ {quant.bits}-bit" + (f" g{quant.groupsize}" if quant.groupsize else "")
     if quant.head.bits is not None:
-        gptq += f" (head {quant.head.bits}-bit {quant.head.method})"
+        head_mse = quant.mse if quant.head.mse is None else quant.head.mse
+        grid = "" if head_mse == quant.mse else ", mse grid" if head_mse else ", min-max grid"
+        gptq += f" (head {quant.head.bits}-bit {quant.head.method}{grid})"
     sparsity = f"{params.prune.sparsity:.0%} ({params.prune.structure}, {params.prune.mode})"
     labels = {
         "dense": "dense",
