@@ -141,7 +141,11 @@ def api_server() -> Iterator[None]:
     if os.environ.get("PREFECT_API_URL"):
         yield
         return
-    with prefect_server() as url:
+    # Prefect read its settings when it was imported: the URL goes into its settings context
+    # (for this process) and the environment (for the processes a task runner starts).
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
         os.environ["PREFECT_API_URL"] = url
         try:
             yield

@@ -31,8 +31,11 @@ def prefect_api(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_LOGGING_TO_API_ENABLED")}
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # nothing left to flush at teardown
-    with prefect_server() as url:
-        os.environ["PREFECT_API_URL"] = url
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url,  # in process (read at import)
+                                                              PREFECT_LOGGING_TO_API_ENABLED: False}):
+        os.environ["PREFECT_API_URL"] = url  # and for the stage processes
         yield url
     for key, value in saved.items():
         if value is None:

@@ -94,9 +94,11 @@ def _start_stage(tmp: Path, tiny_models) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-c", SLEEPING_STAGE], cwd=tmp, env=_env(tmp), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().strip() == "in the flow run", proc.stderr.read()[-2000:]
-    servers = [pid for pid in _children(proc.pid) if "prefect" in _cmdline(pid) and "server" in _cmdline(pid)]
-    assert len(servers) == 1, [(_cmdline(pid)) for pid in _children(proc.pid)]
-    return proc, servers[0]
+    children = _children(proc.pid)
+    # one child, the server the stage started: not also Prefect's temporary one (uvicorn)
+    assert len(children) == 1 and _cmdline(children[0])[1:4] == ["-m", "prefect", "server"], \
+        [" ".join(_cmdline(pid)) for pid in children]
+    return proc, children[0]
 
 
 def test_the_stage_server_listens_on_loopback_and_dies_with_a_killed_stage(tmp_path, tiny_models):
