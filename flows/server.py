@@ -63,7 +63,9 @@ os.execv(sys.executable, [sys.executable, "-m", "prefect", *sys.argv[2:]])
 @contextmanager
 def prefect_server(timeout: float = 60.0) -> Iterator[str]:
     """Start `prefect server start` on a free loopback port; yield its API URL. The server
-    stops when the block ends and, on Linux, when this process dies without ending it."""
+    stops when the block ends and, on Linux, when this process dies without ending it (the
+    kernel's signal follows the thread that started it: enter the block from a thread that
+    outlives it, such as the main thread)."""
     port = _free_port()
     env = offline_env()
     Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
