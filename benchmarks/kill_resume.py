@@ -129,7 +129,7 @@ def setup(workdir: Path, env: dict) -> None:
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     (workdir / "data/schedule").mkdir(parents=True, exist_ok=True)
-    (workdir / "data/schedule/kr.json").write_text(json.dumps({"sparsity": {k: 0.7 for k in keys}}))
+    (workdir / "data/schedule/kr.json").write_text(json.dumps({"target": 0.7, "sparsity": {k: 0.7 for k in keys}}))
 
 
 def hessian_trial(workdir: Path, env: dict, delay: float, reference: dict) -> dict:

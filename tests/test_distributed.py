@@ -100,7 +100,7 @@ def _run_parallel_pipeline(cwd: Path, model_dir: Path, runtime: dict) -> None:
     keys = prunable_parameters(model, adapter_for(model))
     schedule = cwd / "data" / "schedule" / "tiny.json"
     schedule.parent.mkdir(parents=True)
-    schedule.write_text(json.dumps({"sparsity": {k: 0.7 for k in keys}}))
+    schedule.write_text(json.dumps({"target": 0.7, "sparsity": {k: 0.7 for k in keys}}))
     _stage(cwd, "prune")
 
 

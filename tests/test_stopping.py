@@ -117,14 +117,14 @@ def test_a_signal_ends_a_stage_with_one_line(tmp_path, tiny_models, signum, code
     proc, server = _start_stage(tmp_path, tiny_models)
     started = time.monotonic()
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=30)
+    _, stderr = proc.communicate(timeout=90)
     seconds = time.monotonic() - started
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == code, stderr[-2000:]
     assert errors == [f"error: stopped by {signal.Signals(signum).name} before the end; run the command again "
                       f"(or `dvc repro`) to finish"], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert seconds < 20, f"{seconds:.1f} s to stop"
+    assert seconds < 30, f"{seconds:.1f} s to stop"  # about 2 s on an idle 2-core machine; the suite loads it
     assert _wait_gone(server)
     assert not (tmp_path / "data" / "params.checked").exists()  # the stage did not get to write
 

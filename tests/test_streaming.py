@@ -176,7 +176,7 @@ def run_stages(model_dir, root, stream: bool):
                 stage.run(params, call)
             skeleton = StreamedModel(paths.model, CPU)  # the schedule needs the shapes only
             sparsity = dict.fromkeys(prunable_parameters(skeleton.model, skeleton.adapter), 0.7)
-            write_json(paths.schedule, {"sparsity": sparsity})
+            write_json(paths.schedule, {"target": params.prune.sparsity, "sparsity": sparsity})
             for stage in (hessians, estimate, prune, quantize, export):
                 stage.check(params)
                 stage.run(params, call)
