@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.pipeline,  # Prefect servers and flow runs
                                  reason="reads /proc; the server's parent-death signal is Linux's")]
 
 SLEEPING_STAGE = """
-import time, sys
+import signal, sys, time
+# as a terminal starts it: a pytest-xdist worker ignores SIGINT, and a child inherits that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import stages.check
 def run(params, step):
     sys.stdout.write("in the flow run\\n")  # not print: the flow sends prints to its log
