@@ -47,8 +47,7 @@ def _flow(args: argparse.Namespace) -> int:
     from .pipeline import pipeline, stage_module
 
     params = load_params(args.params)
-    for name in STAGES:
-        stage_module(name).check(params)
+    stage_module("check").check(params)  # every stage's check, before the flow starts
     with api_server():
         pipeline(params)
     return 0
