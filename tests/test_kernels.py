@@ -824,3 +824,29 @@ def test_head_grid_search_follows_quantize_mse_unless_the_head_says_otherwise(ti
     assert torch.equal(results["follows"], results["searched"])
     assert torch.equal(results["min-max"], results["both off"])
     assert error["searched"] < error["min-max"]
+
+
+_FIRST_COS = """
+import torch
+{imports}
+inv = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+table = torch.outer(torch.arange(128).float(), inv)
+first = table.cos()                 # 2 threads: 4 chunks of 2,048 elements
+torch.set_num_threads(1)
+print(torch.equal(first, table.cos()))
+"""
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not torch.backends.mkl.is_available(), reason="needs MKL and 2 threads")
+def test_first_vml_call_of_a_process_is_exact_after_import():
+    """A process's first multi-threaded cos (a rotary table) equals the single-threaded one
+    once prunekit.kernels is imported (kernels/vml.py); without the warm-up about 1 process
+    in 4 differed on this machine, so 8 processes catch its loss with probability ~0.9."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_COS.format(imports="import prunekit.kernels")],
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(8)]
+    outs = [p.communicate()[0].strip() for p in procs]
+    assert outs == ["True"] * 8, outs

@@ -16,6 +16,9 @@ from prunekit.kernels.quant import QuantSpec
 from prunekit.kernels.result import KernelResult
 from prunekit.kernels.score_based import magnitude, wanda
 from prunekit.kernels.sparsegpt import sparsegpt, sparsegpt_many
+from prunekit.kernels.vml import warm_up
+
+warm_up()  # before any computation: see vml.py
 
 __all__ = [
     "HessianFactor",
