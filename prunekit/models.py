@@ -20,7 +20,7 @@ from torch import nn
 
 from .artifacts import replace_dir
 from .config import ConfigError, reading
-from .kernels import vml  # noqa: F401  (its first calls of MKL's math functions, on import)
+from . import vml  # noqa: F401  (its first calls of MKL's math functions, on import)
 
 log = logging.getLogger(__name__)
 

@@ -407,6 +407,35 @@ def test_compiled_transpose(monkeypatch, rows, cols):
     assert torch.equal(native.transpose(src.bfloat16()), src.bfloat16().T)
 
 
+@pytest.mark.parametrize("bits, sym, groupsize, density", [(4, False, 128, 1.0), (4, True, 128, 0.3), (3, False, None, 0.3),
+                                                       (8, True, 64, 1.0), (2, False, 32, 1.0)])
+def test_compiled_mse_grid_search_picks_the_ranges_of_the_torch_search(monkeypatch, bits, sym, groupsize, density):
+    """Same candidates, same quantizer: the compiled search (native.mse_grid) picks the torch
+    search's range for nearly every row, and where it differs (its sums round differently)
+    its range's error, as the torch path sums it, is within 1e-5 of the torch optimum's; zero
+    rows and pruned entries are handled as there."""
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(384, 256, generator=g) * torch.rand(384, 1, generator=g)
+    W[:, torch.rand(256, generator=g) < 0.05] *= 8  # outliers: shrinking the range pays
+    W *= torch.rand(W.shape, generator=g) < density
+    W[3] = 0
+    spec = QuantSpec(bits=bits, sym=sym, groupsize=groupsize, mse=True)
+    use_compiled_sweep(monkeypatch, True)
+    fast = spec.group_grids(W)
+    monkeypatch.setattr(native, "available", lambda: False)
+    slow = spec.group_grids(W)
+    same = (fast[0] == slow[0]) & (fast[1] == slow[1])
+    assert float(same.float().mean()) >= 0.99
+
+    def error(scale, zero):  # the torch search's sum, per group and row
+        gs = groupsize or W.shape[1]
+        parts = W.reshape(W.shape[0], -1, gs).transpose(0, 1)
+        return (spec.quantize(parts, scale[..., None], zero[..., None]) - parts).abs().pow(2.4).sum(-1)
+
+    assert bool((error(*fast) <= error(*slow) * (1 + 1e-5)).all())
+    assert bool((fast[0] > 0).all()) and torch.equal(fast[1], fast[1].round())
+
+
 def test_sweep_falls_back_to_the_torch_loop_without_the_compiled_kernel(monkeypatch, caplog):
     """PRUNEKIT_NATIVE=0 or a missing compiler: no kernels, a log line, and the sweep still runs."""
     monkeypatch.setenv("PRUNEKIT_NATIVE", "0")
@@ -840,13 +869,13 @@ print(torch.equal(first, table.cos()))
 @pytest.mark.skipif(torch.get_num_threads() < 2 or not torch.backends.mkl.is_available(), reason="needs MKL and 2 threads")
 def test_first_vml_call_of_a_process_is_exact_after_import():
     """A process's first multi-threaded cos (a rotary table) equals the single-threaded one
-    once prunekit.kernels is imported (kernels/vml.py); without the warm-up about 1 process
+    once prunekit.models (what every stage with a model imports) is imported (prunekit/vml.py); without the warm-up about 1 process
     in 4 differed on this machine, so 8 processes catch its loss with probability ~0.9."""
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_COS.format(imports="import prunekit.kernels")],
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_COS.format(imports="import prunekit.models")],
                               stdout=subprocess.PIPE, text=True, env=env) for _ in range(8)]
     outs = [p.communicate()[0].strip() for p in procs]
     assert outs == ["True"] * 8, outs

@@ -10,15 +10,13 @@ never modified.
 - `wanda`, `magnitude`: score-based pruning without reconstruction.
 """
 
+from prunekit import vml  # noqa: F401  (first: its first calls of MKL's math functions, on import)
 from prunekit.kernels.gptq import gptq, rtn
 from prunekit.kernels.hessian import HessianFactor, factorize
 from prunekit.kernels.quant import QuantSpec
 from prunekit.kernels.result import KernelResult
 from prunekit.kernels.score_based import magnitude, wanda
 from prunekit.kernels.sparsegpt import sparsegpt, sparsegpt_many
-from prunekit.kernels.vml import warm_up
-
-warm_up()  # before any computation: see vml.py
 
 __all__ = [
     "HessianFactor",

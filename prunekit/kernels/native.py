@@ -9,7 +9,8 @@ so the kernel runs on PyTorch's own thread pool (torch.set_num_threads applies).
 its own would compete with PyTorch's OpenMP workers, which keep spinning for a while after
 each operation: on two cores that was slower than one thread. Choosing a block's mask (the k smallest OBS scores) is the second compiled
 step: three passes of radix selection instead of about ten tensor operations; the transposes
-into and out of the sweep's W^T layout are the third (tiled, threaded).
+into and out of the sweep's W^T layout are the third (tiled, threaded); GPTQ's mse grid search
+(`QuantSpec` with mse: 80 candidate ranges per row) is the fourth.
 
 The C source is compiled once per process with the system C compiler ($CC, else cc, gcc or
 clang) into a temporary file (about 0.25 s; nothing is cached on disk, so a shared home
@@ -116,6 +117,32 @@ def smallest_scores(block: Tensor, r2: Tensor, k: int, *, out: Tensor) -> Tensor
     return out
 
 
+def mse_grid(W: Tensor, xmin: Tensor, xmax: Tensor, *, maxq: int, sym_zero: float | None, steps: int,
+             tiny: float) -> tuple[Tensor, Tensor]:
+    """GPTQ's mse grid search of `QuantSpec.grid` for every row of W (rows, cols) with range
+    [xmin, xmax] (rows,): the range factor p = 1, 0.99, ... (`steps` of them) with the least
+    sum |q(x) - x|^2.4, ties to the larger p; sym_zero: the zero point of a symmetric grid, None
+    for asymmetric. Returns (scale, zero), (rows,) fp32.
+
+    The quantization of each x is QuantSpec.quantize's, operation for operation; the errors are
+    summed in another order and |e|^2.4 is computed to about 1e-7 relative (PyTorch: its pow),
+    so where two ranges' errors agree to about 1e-6 the other one can win. One pass per row with
+    its nonzeros in L1 instead of 10 tensor passes per range: about 8x faster on 2 cores.
+    """
+    rows, cols = W.shape
+    _check_rows(W, shape=(rows, cols))
+    xmin, xmax = xmin.to(torch.float32).contiguous(), xmax.to(torch.float32).contiguous()
+    if xmin.shape != (rows,) or xmax.shape != (rows,):
+        raise ValueError(f"xmin and xmax must be ({rows},), got {tuple(xmin.shape)} {tuple(xmax.shape)}")
+    scale, zero = torch.empty(rows), torch.empty(rows)
+    code = _loaded().prunekit_mse_grid(W.data_ptr(), W.stride(0), rows, cols, xmin.data_ptr(), xmax.data_ptr(),
+                                       float(maxq), -1.0 if sym_zero is None else float(sym_zero), steps, tiny,
+                                       scale.data_ptr(), zero.data_ptr())
+    if code != 0:
+        raise MemoryError("the native mse grid search could not allocate its buffers")
+    return scale, zero
+
+
 def transpose(src: Tensor, out: Tensor | None = None) -> Tensor:
     """out = src^T for a 2-D src; compiled (about 3x PyTorch's transposing copy, threaded) for
     fp32 CPU tensors with contiguous rows when the kernels are available, else `out.copy_(src.T)`
@@ -197,4 +224,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.prunekit_smallest_scores.restype = ctypes.c_int
     lib.prunekit_transpose.argtypes = [ptr, size, ptr, size, size, size]
     lib.prunekit_transpose.restype = None
+    flt = ctypes.c_float
+    lib.prunekit_mse_grid.argtypes = [ptr, size, size, size, ptr, ptr, flt, flt, ctypes.c_int, flt, ptr, ptr]
+    lib.prunekit_mse_grid.restype = ctypes.c_int
     return lib, " ".join([compiler, *flags])

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import native
+
 _TINY = torch.finfo(torch.float32).tiny
 _SHRINK_STEPS = 80  # mse grid: range factors 1, 0.99, ..., 0.21 (GPTQ: maxshrink 0.8, grid 100)
 _MSE_NORM = 2.4     # the error norm GPTQ's grid search minimises
@@ -30,7 +32,9 @@ class QuantSpec:
         act_order: GPTQ processes columns in order of decreasing H_jj (only `gptq` supports it).
         mse: shrink each row's range [min, max] to p·[min, max], p = 1, 0.99, ..., 0.21, taking
             the p with the least sum |x - q(x)|^2.4 over the row (GPTQ's `mse` grid search):
-            clipping a few outliers buys finer steps for all other weights.
+            clipping a few outliers buys finer steps for all other weights. On the CPU with
+            the compiled kernels (native.mse_grid, about 3x faster) the sums round differently:
+            where two ranges tie within about 1e-6 the other one can be chosen.
 
     Example:
         >>> spec = QuantSpec(bits=4, groupsize=128)
@@ -69,7 +73,8 @@ class QuantSpec:
         The range always includes 0; an all-zero row gets the range [-1, 1] (as in GPTQ) so its
         scale is positive.
         """
-        if self.mse and W.shape[0] > _MSE_ROWS:  # rows are independent: the same grids, 2.5x faster
+        compiled = self.mse and W.device.type == "cpu" and native.available()
+        if self.mse and not compiled and W.shape[0] > _MSE_ROWS:  # rows are independent: the same grids, 2.5x faster
             parts = [self.grid(W[i : i + _MSE_ROWS]) for i in range(0, W.shape[0], _MSE_ROWS)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         W = W.to(torch.float32)
@@ -84,6 +89,9 @@ class QuantSpec:
         scale, zero = self._range_grid(xmin, xmax)
         if not self.mse:
             return scale, zero
+        if compiled:  # the same search in one pass per row (native.mse_grid)
+            return native.mse_grid(W.contiguous(), xmin, xmax, maxq=self.maxq, steps=_SHRINK_STEPS, tiny=_TINY,
+                                   sym_zero=float(2 ** (self.bits - 1)) if self.sym else None)
         # Zeros quantize to exactly +0 on every grid, so their error terms are exactly 0: on a
         # pruned W only the survivors are quantized, their errors put into a zero tensor of W's
         # shape, and the row sums are those of the whole tensor, bit for bit.

@@ -11,8 +11,9 @@ computed once per stage, so the Hessians of a whole run (from the first attentio
 on) differed between two runs of one stage on one machine.
 
 `warm_up()` makes those first calls on tensors below one chunk, so they run on the calling
-thread alone, before any computation. `prunekit.kernels` and `prunekit.models` call it on
-import; code that computes with torch before importing prunekit should call it first.
+thread alone, before any computation. Importing this module calls it (`prunekit.kernels` and
+`prunekit.models` import it); code that computes with torch before importing prunekit should
+call it first.
 """
 from __future__ import annotations
 
@@ -33,3 +34,6 @@ def warm_up() -> None:
         x = torch.linspace(0.1, 0.9, 16, dtype=dtype)  # inside every function's domain
         for name in _FUNCTIONS:
             getattr(torch, name)(x)
+
+
+warm_up()
