@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import vml  # noqa: F401  (its first calls of MKL's math functions, on import)
 from .artifacts import replace_dir
 from .config import ConfigError, reading
-from . import vml  # noqa: F401  (its first calls of MKL's math functions, on import)
 
 log = logging.getLogger(__name__)
 
