@@ -1,16 +1,19 @@
-"""Kill the hessians and prune stages at random points; check that reruns resume and match.
+"""Kill the stages that write big outputs at random points; check that reruns resume and match.
 
 On a small random LLaMA-style model in a temporary folder: an uninterrupted run of every stage
-up to prune gives the reference outputs. Then, per trial, `prunekit stage <stage>` is started
-and sent SIGKILL after a random delay after its layer loop starts (its progress bar shows on
-stderr), uniform over the time the uninterrupted run spent in that loop (for prune, and in the
-model's save after it), and the checks are:
+up to export gives the reference outputs. Then, per trial, `prunekit stage <stage>` is started
+and sent SIGKILL after a random delay, uniform over the time the uninterrupted run spent there
+(hessians and prune: from their layer loop's progress bar to its end, plus the model's save
+for prune; quantize and export: from their first line on stderr to their end), and the
+checks are:
 
 - hessians: every layer the killed run had finished (its `complete` attribute written) is kept
   by the rerun — its files keep their inode and mtime, so it was not recomputed — and the store
   after the rerun is bit-identical to the reference (every array and attribute);
-- prune: after the kill `data/pruned/<model>` is either absent or a complete model folder equal
-  to the reference (never a partial one), and after the rerun it is byte-identical to it.
+- prune, quantize, export: after the kill the stage's folder (`data/pruned/<model>`,
+  `data/compressed/<model>`, `data/export/<model>`) is either absent or complete and equal to
+  the reference (never a partial one); after the rerun it is byte-identical to the reference
+  and no `<folder>.tmp` is left beside it.
 
     python benchmarks/kill_resume.py --trials 5
 """
@@ -34,14 +37,16 @@ MODEL = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_s
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
              eos_token_id=2, pad_token_id=0)
 STORE, PRUNED = "data/hessians/kr__c4.zarr", "data/pruned/kr"
+COMPRESSED, EXPORTED = "data/compressed/kr", "data/export/kr"
 
 
 def stage(cwd: Path, name: str, env: dict, kill_after: float | None = None, marker: str = "",
-          end_marker: str = "100%|") -> tuple[int, float, float]:
+          end_marker: str | None = "100%|") -> tuple[int, float, float]:
     """Run `prunekit stage <name>` in cwd; SIGKILL it kill_after seconds after `marker` first
     shows on its stderr (the stage's progress bar: its layer loop started).
 
-    Returns (rc, loop start s, loop end s): when `marker` and then `end_marker` first showed.
+    Returns (rc, loop start s, loop end s): when `marker` and then `end_marker` first showed
+    (end_marker None: when the stage ended).
     """
     start = time.monotonic()
     seen, done = None, None
@@ -54,7 +59,8 @@ def stage(cwd: Path, name: str, env: dict, kill_after: float | None = None, mark
                 err.seek(0)
                 text = err.read()
                 seen = seen or (time.monotonic() if marker in text else None)
-                done = time.monotonic() if seen and end_marker in text[text.index(marker):] else None
+                done = (time.monotonic() if seen and end_marker is not None and end_marker in text[text.index(marker):]
+                        else None)
             if kill_after is not None and seen is not None and time.monotonic() - seen > kill_after:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -143,40 +149,58 @@ def hessian_trial(workdir: Path, env: dict, delay: float, reference: dict) -> di
             "kept_by_rerun": kept == done, "identical": store_content(workdir / STORE) == reference}
 
 
-def prune_trial(workdir: Path, env: dict, delay: float, reference: dict, keep_previous: bool) -> dict:
-    shutil.rmtree(workdir / PRUNED, ignore_errors=True)
+# The stages that write a model folder: (stage, its output folder, the stderr marker after
+# which the kill delay counts, the marker that ends the time the delays are drawn from). Prune:
+# its layer loop's progress bar, to its end plus the save; the others: their first stderr line
+# (imports done), to their end.
+FOLDER_STAGES = (("prune", PRUNED, "prune (", "100%|"), ("quantize", COMPRESSED, "\n", None),
+                 ("export", EXPORTED, "\n", None))
+
+
+def folder_trial(workdir: Path, env: dict, name: str, out: str, marker: str, delay: float, reference: dict,
+                 keep_previous: bool) -> dict:
+    """Kill stage `name` `delay` s after `marker`; its folder must then be absent or complete, and
+    after a rerun byte-identical to the uninterrupted run's."""
+    shutil.rmtree(workdir / out, ignore_errors=True)
     if keep_previous:  # a finished earlier run is being replaced when the kill comes
-        shutil.copytree(workdir / "reference_pruned", workdir / PRUNED)
-    rc, *_ = stage(workdir, "prune", env, kill_after=delay, marker="prune (")
-    after_kill = folder_digest(workdir / PRUNED) if (workdir / PRUNED).exists() else None
-    stage(workdir, "prune", env)
-    return {"stage": "prune", "delay_s": round(delay, 2), "killed": rc != 0, "previous_output": keep_previous,
+        shutil.copytree(workdir / "reference" / name, workdir / out)
+    rc, *_ = stage(workdir, name, env, kill_after=delay, marker=marker)
+    after_kill = folder_digest(workdir / out) if (workdir / out).exists() else None
+    stage(workdir, name, env)
+    return {"stage": name, "delay_s": round(delay, 2), "killed": rc != 0, "previous_output": keep_previous,
             "after_kill": "absent" if after_kill is None else ("complete" if after_kill == reference else "PARTIAL"),
-            "identical": folder_digest(workdir / PRUNED) == reference}
+            "identical": folder_digest(workdir / out) == reference,
+            "leftovers": sorted(p.name for p in (workdir / out).parent.iterdir() if p.name.endswith(".tmp"))}
 
 
-def run_trials(workdir: Path, env: dict, trials: int, seed: int = 0) -> list[dict]:
-    """Reference runs, then `trials` killed-and-rerun trials of each stage; one dict per trial."""
+def run_trials(workdir: Path, env: dict, trials: int | dict[str, int], seed: int = 0) -> list[dict]:
+    """Reference runs, then killed-and-rerun trials of hessians and each of FOLDER_STAGES:
+    `trials` of each, or trials[stage] (0 where a stage is not named); one dict per trial."""
     rng = random.Random(seed)
+    count = trials if isinstance(trials, dict) else dict.fromkeys(("hessians", *(f[0] for f in FOLDER_STAGES)), trials)
     setup(workdir, env)
     _, start, end = stage(workdir, "hessians", env, marker="hessians:")
     t_hessians = end - start  # the layer loop
     reference_store = store_content(workdir / STORE)
-    _, start, end = stage(workdir, "prune", env, marker="prune (")
-    t_prune = end - start + 1.0  # the layer loop and the model's save after it
-    reference_pruned = folder_digest(workdir / PRUNED)
-    shutil.copytree(workdir / PRUNED, workdir / "reference_pruned")
+    times, references = {}, {}
+    for name, out, marker, end_marker in FOLDER_STAGES:
+        _, start, end = stage(workdir, name, env, marker=marker, end_marker=end_marker)
+        times[name] = end - start + (1.0 if end_marker else 0.0)  # prune: its loop and the save after it
+        references[name] = folder_digest(workdir / out)
+        shutil.copytree(workdir / out, workdir / "reference" / name)
     # Delays: uniform over the time the uninterrupted run spent in its layer loop (and save).
-    results = [hessian_trial(workdir, env, rng.uniform(0, t_hessians), reference_store) for _ in range(trials)]
-    results += [prune_trial(workdir, env, rng.uniform(0, t_prune), reference_pruned, keep_previous=k % 2 == 0)
-                for k in range(trials)]
+    results = [hessian_trial(workdir, env, rng.uniform(0, t_hessians), reference_store)
+               for _ in range(count.get("hessians", 0))]
+    for name, out, marker, _ in FOLDER_STAGES:
+        results += [folder_trial(workdir, env, name, out, marker, rng.uniform(0, times[name]), references[name],
+                                 keep_previous=k % 2 == 0) for k in range(count.get(name, 0))]
     return results
 
 
 def ok(result: dict) -> bool:
     if result["stage"] == "hessians":
         return result["kept_by_rerun"] and result["identical"]
-    return result["after_kill"] != "PARTIAL" and result["identical"]
+    return result["after_kill"] != "PARTIAL" and result["identical"] and not result["leftovers"]
 
 
 def main() -> int:
