@@ -1,7 +1,7 @@
 /* The CPU hot spots of the OBS column sweep, compiled (see native.py): one block of the sweep
  * with a known mask (or N:M masks, which depend on each row of W alone), the choice of a
- * block's unstructured mask, and the transposes into and out of the W^T layout (the last two at
- * the end of this file).
+ * block's unstructured mask, and the transposes into and out of the W^T layout (the last two
+ * after the sweep); and GPTQ's mse grid search (at the end of this file).
  *
  * The block is Wt[0:width, 0:cols] of W^T (rows = columns of W). With the block's mask
  * known, or chosen per row of W (N:M), the columns of Wt (rows of W) are independent and each
