@@ -324,8 +324,8 @@ static inline float pow24(float e)
     const float n = __builtin_rintf(y), f = (y - n) * 0.693147181f;
     const float p = 1.0f + f * (1.0f + f * (0.5f + f * (0.166666667f + f * (0.0416666667f + f * (0.00833333333f
                     + f * (0.00138888889f + f * 0.000198412698f))))));
-    union { int32_t i; float f; } s = { (q + (int32_t)n + 127) << 23 };
     const int32_t exponent = q + (int32_t)n;
+    union { int32_t i; float f; } s = { (exponent + 127) << 23 };
     return e == 0.0f || exponent < -126 ? 0.0f : p * s.f;
 }
 
