@@ -338,17 +338,17 @@ static inline float grid_error(float x, float s, float z, float maxq)
     return pow24(d < 0.0f ? -d : d);
 }
 
-/* The mse search sums LANES lanes: enough independent chains of |e|^2.4 polynomials in
- * flight to hide their latency (16 lanes: 2.2x slower). */
-#define LANES 32
+/* The mse search keeps MSE_LANES running sums (independent chains of |e|^2.4 polynomials;
+ * 16 and 64 measured about as fast or slower). */
+#define MSE_LANES 32
 
-/* Sum of the LANES lane totals, pairwise. */
+/* Sum of the MSE_LANES lane totals, pairwise. */
 static inline float lane_total(const float *acc)
 {
-    float h[LANES / 2];
-    for (int l = 0; l < LANES / 2; ++l)
-        h[l] = acc[l] + acc[l + LANES / 2];
-    for (int w = LANES / 4; w > 0; w /= 2)
+    float h[MSE_LANES / 2];
+    for (int l = 0; l < MSE_LANES / 2; ++l)
+        h[l] = acc[l] + acc[l + MSE_LANES / 2];
+    for (int w = MSE_LANES / 4; w > 0; w /= 2)
         for (int l = 0; l < w; ++l)
             h[l] += h[l + w];
     return h[0];
@@ -386,12 +386,12 @@ int prunekit_mse_grid(const float *w, ptrdiff_t ldw, ptrdiff_t rows, ptrdiff_t c
                 float s = (hi - lo) / maxq;
                 s = s < tiny ? tiny : s;
                 const float z = symzero >= 0.0f ? symzero : __builtin_rintf(-lo / s);
-                /* lane l sums the errors of x[j], j = l mod LANES; the lanes' total only grows, so a
+                /* lane l sums the errors of x[j], j = l mod MSE_LANES; the lanes' total only grows, so a
                  * range is dropped as soon as its total reaches the best one: it cannot win */
-                float acc[LANES] = {0}, err = 0.0f;
-                for (ptrdiff_t j0 = 0; j0 < n && err < best; j0 += LANES) {
-                    if (j0 + LANES <= n) {
-                        for (int l = 0; l < LANES; ++l)
+                float acc[MSE_LANES] = {0}, err = 0.0f;
+                for (ptrdiff_t j0 = 0; j0 < n && err < best; j0 += MSE_LANES) {
+                    if (j0 + MSE_LANES <= n) {
+                        for (int l = 0; l < MSE_LANES; ++l)
                             acc[l] += grid_error(x[j0 + l], s, z, maxq);
                     } else {
                         for (ptrdiff_t j = j0; j < n; ++j)
