@@ -3,6 +3,7 @@
     prunekit run [DVC_ARGS...]      dvc repro with one loopback Prefect server for all stages
     prunekit flow                   every stage as one Prefect flow (no DVC cache)
     prunekit stage NAME [VARIANT]   one stage of dvc.yaml (what `dvc repro` runs)
+    prunekit exp run PRESET...      named experiments of presets.yaml (dvc exp run), `exp show`: their table
     prunekit audit [RECORD]         judge the artifacts against a provenance record
     prunekit evaluate MODEL --text FILE   perplexity of a saved HF model folder on a text file
     prunekit unpack PACKED OUT      the packed export -> an HF model folder
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -41,6 +43,26 @@ def _run(args: argparse.Namespace) -> int:
     from . import server
 
     return server.main(["dvc", "repro", *args.dvc_args])
+
+
+def _exp(args: argparse.Namespace) -> int:
+    """presets.yaml's named experiments through `dvc exp run`, and their comparison table."""
+    import subprocess
+
+    from . import server
+    from .experiments import committed_params, load_presets, run_commands, show_command
+
+    if args.action == "show":
+        return subprocess.run(show_command(args.dvc_args)).returncode
+    presets = load_presets(args.presets, committed_params(Path.cwd()))
+    if args.action == "list":
+        print("\n".join(presets))
+        return 0
+    commands = run_commands(args.names, presets, args.set, args.name, args.queue)
+    if args.dry_run:
+        print("\n".join(shlex.join(c) for c in commands))
+        return 0
+    return server.run_commands(commands)
 
 
 def _flow(args: argparse.Namespace) -> int:
@@ -137,6 +159,21 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("variant", nargs="?", help="evaluate: dense, quantized, uniform, pruned or compressed; baseline: uniform or quantized")
         s.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default params.yaml)")
         s.set_defaults(fn=fn)
+    exp = sub.add_parser("exp", help="named experiments of presets.yaml through dvc exp run; their table")
+    actions = exp.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    run = actions.add_parser("run", help="one `dvc exp run` per preset, under one loopback Prefect server")
+    run.add_argument("names", nargs="+", metavar="PRESET")
+    run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a further parameter change, after the preset's (e.g. -S schedule.search.seed=1)")
+    run.add_argument("--name", default=None, help="the experiment's name (default: the preset's)")
+    run.add_argument("--queue", action="store_true", help="queue the experiments (dvc exp run --queue)")
+    run.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of running them")
+    lst = actions.add_parser("list", help="the presets' names")
+    for a in (run, lst):
+        a.add_argument("--presets", type=Path, default=Path("presets.yaml"), help="preset file (default presets.yaml)")
+    show = actions.add_parser("show", help="the comparison table: dvc exp show with the columns of docs/experiments.md")
+    show.add_argument("dvc_args", nargs="*", metavar="DVC_ARG", help="passed to dvc exp show (e.g. --md, --csv)")
+    exp.set_defaults(fn=_exp)
     audit = sub.add_parser("audit", help="judge a run against a provenance record (exit 0 identical, 1 within "
                                          "tolerance, 3 different, 4 unverified)")
     audit.add_argument("record", nargs="?", default=Path("reports/provenance.json"), type=Path)
@@ -173,7 +210,12 @@ def _stop(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # dvc's own options, after `prunekit exp show`
+        if (args.command, getattr(args, "action", None)) != ("exp", "show"):
+            p.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.dvc_args = [*args.dvc_args, *unknown]
     setup_environment()
     previous = signal.signal(signal.SIGTERM, _stop)
     try:

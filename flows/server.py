@@ -3,7 +3,8 @@
 Without PREFECT_API_URL every Python process that runs a flow starts its own temporary server
 (~10 s each here); `dvc repro` starts one process per stage. This starts one server on
 127.0.0.1 (state under PREFECT_HOME inside the project, telemetry off), runs the command with
-PREFECT_API_URL pointing at it, and stops the server afterwards.
+PREFECT_API_URL pointing at it, and stops the server afterwards. Where PREFECT_API_URL is set
+already (a team's server), the commands use that one.
 
 The server goes when its user goes: on Linux it gets SIGTERM from the kernel when the process
 that started it dies, however it dies (SIGKILL included), so no server outlives a killed
@@ -24,7 +25,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -100,17 +101,30 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
+    return run_commands([argv])
+
+
+def run_commands(commands: list[list[str]]) -> int:
+    """Run the commands one after another under one loopback server; stop at the first that
+    fails and return its exit status (0 when all succeed)."""
     env = offline_env()
     # this environment's dvc and prunekit (what dvc.yaml's stages call), also when its bin is not on PATH
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    if shutil.which(argv[0], path=env["PATH"]) is None:
-        print(f"error: {argv[0]} not found (install the project: bash scripts/setup)", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    with prefect_server() as url:
-        print(f"prefect server at {url} (started in {time.monotonic() - started:.1f} s)", file=sys.stderr)
-        env["PREFECT_API_URL"] = url
-        return run_forwarding_signals(argv, env)
+    for program in {argv[0] for argv in commands}:
+        if shutil.which(program, path=env["PATH"]) is None:
+            print(f"error: {program} not found (install the project: bash scripts/setup)", file=sys.stderr)
+            return 2
+    with ExitStack() as stack:
+        if not env.get("PREFECT_API_URL"):  # else the server it names (a team's, or a test's)
+            started = time.monotonic()
+            env["PREFECT_API_URL"] = stack.enter_context(prefect_server())
+            print(f"prefect server at {env['PREFECT_API_URL']} (started in {time.monotonic() - started:.1f} s)",
+                  file=sys.stderr)
+        for argv in commands:
+            code = run_forwarding_signals(argv, env)
+            if code != 0:
+                return code
+    return 0
 
 
 def run_forwarding_signals(argv: list[str], env: dict) -> int:

@@ -289,6 +289,12 @@ class Params(_Section):
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ConfigError with one readable line on any problem."""
+    return validate_params(read_yaml(path), str(path))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping ({} for an empty file); ConfigError with one line if it is
+    missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameter file not found: {path}")
@@ -298,6 +304,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', None) or exc}{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid parameters in {path}: a mapping of sections is needed, got {type(raw).__name__}")
+    return raw
+
+
+def validate_params(raw: dict, source: str) -> Params:
+    """Params from a parsed mapping; ConfigError with one line naming the first bad key (and how
+    many more there are), or `source` where no key is to blame."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -305,5 +319,5 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         key = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        where = f"invalid parameter {key}" if key else f"invalid parameters in {path}"
+        where = f"invalid parameter {key}" if key else f"invalid parameters in {source}"
         raise ConfigError(f"{where}: {msg}{more}") from None

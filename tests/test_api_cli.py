@@ -1,6 +1,7 @@
 """The Python API (its docstring example, run on a tiny model), the `prunekit` command, and the
 params types' defaults against params.yaml."""
 import doctest
+import shlex
 import subprocess
 import sys
 
@@ -61,7 +62,7 @@ def _cli(*args, cwd=ROOT):
 def test_cli_help_lists_what_users_run():
     proc = _cli("--help")
     assert proc.returncode == 0
-    for command in ("run", "flow", "stage", "audit", "evaluate", "unpack"):
+    for command in ("run", "flow", "stage", "exp", "audit", "evaluate", "unpack"):
         assert f"    {command} " in proc.stdout, command
     stage = _cli("stage", "--help")
     assert stage.returncode == 0 and "prepare_model" in stage.stdout and "report" in stage.stdout
@@ -86,3 +87,50 @@ def test_cli_refuses_a_variant_for_a_stage_without_one(tmp_path):
     proc = _cli("stage", "prune", "extra", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "error: stage prune takes no variant, got 'extra'")
+
+
+def _dry_run(*names, cwd=ROOT):
+    proc = _cli("exp", "run", *names, "--dry-run", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [shlex.split(line) for line in proc.stdout.splitlines()]
+
+
+def _assignments(command: list[str]) -> dict[str, str]:
+    return dict(command[i + 1].split("=", 1) for i, a in enumerate(command) if a == "-S")
+
+
+def test_every_shipped_preset_is_one_dvc_experiment_setting_the_same_keys():
+    """presets.yaml as shipped: each preset validates on top of params.yaml and becomes one
+    `dvc exp run --name <preset>` that sets every key any preset sets (so none inherits another's)."""
+    names = _cli("exp", "list").stdout.split()
+    assert {"uniform-70", "kmeans-70", "owl-70", "ranked-70", "search-70", "2of4", "search-70-q4"} <= set(names)
+    commands = _dry_run(*names)
+    assert [c[:5] for c in commands] == [["dvc", "exp", "run", "--name", n] for n in names]
+    sets = [_assignments(c) for c in commands]
+    assert all(s.keys() == sets[0].keys() for s in sets)
+    by_name = dict(zip(names, sets))
+    assert (by_name["search-70"]["schedule.allocator"], by_name["search-70"]["quantize.enabled"]) == ('"search"', "false")
+    assert by_name["search-70-q4"]["quantize.enabled"] == "true"
+    assert by_name["2of4"]["prune.structure"] == '"2:4"' and by_name["uniform-80"]["prune.sparsity"] == "0.8"
+    assert all(s["calibration.nsamples"] == "128" and s["evaluate.max_windows"] == "null" for s in sets)
+    seeded = _dry_run("search-70", "-S", "schedule.search.seed=1", "--name", "search-70-s1")
+    assert seeded[0][4] == "search-70-s1" and seeded[0][-2:] == ["-S", "schedule.search.seed=1"]
+
+
+@pytest.mark.parametrize("presets, args, message", [
+    ({"presets": {"a": {"prune": {"sparsty": 0.5}}}}, ["a"], "presets.yaml: a sets prune.sparsty, which params.yaml does not have"),
+    ({"presets": {"a": {"prune": {"sparsity": 1.5}}}}, ["a"], "presets.yaml: preset a: invalid parameter prune.sparsity"),
+    ({"presets": {"a": {"prune": {"sparsity": 0.5}}}}, ["b"], "unknown preset 'b'; presets: a"),
+    ({"presets": {"a": {}, "b": {}}}, ["a", "b", "--name", "x"], "--name needs exactly one preset"),
+    ({"protocol": {"quantize": {"bits": 1}}, "presets": {"a": {}}}, ["a"], "presets.yaml: preset a: invalid parameter quantize.bits"),
+    ({"protocol": {}}, ["a"], "presets.yaml: needs `presets:`"),
+])
+def test_a_bad_preset_is_refused_in_one_line_before_dvc_runs(tmp_path, presets, args, message):
+    import yaml
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "presets.yaml").write_text(yaml.safe_dump(presets))
+    proc = _cli("exp", "run", *args, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+    assert not (tmp_path / ".dvc").exists() and (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
