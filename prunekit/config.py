@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A parameter or input path is invalid; the message is one line meant for the user."""
 
 
+class NonFiniteError(ConfigError):
+    """A loss, weight or Hessian that is NaN or infinite; the message names where it arose, so
+    that no stage reports it as a result (the input model or text is usually to blame)."""
+
+
 def _read_errors() -> tuple[type[BaseException], ...]:
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, EOFError)
     try:

@@ -234,3 +234,20 @@ def test_search_rounds_need_the_sequential_database(setup):
         SearchParams(database="dense", rounds=(5,))
     with pytest.raises(ValueError, match=">= 0"):
         SearchParams(rounds=(-1,))
+
+
+def test_a_non_finite_fitness_stops_the_search_naming_the_layer(setup):
+    """A level whose weights overflow (here: inf in layer 1's down projection at the target) is
+    not scored as a result: one NonFiniteError names the first decoder layer with a non-finite
+    output, and the model's weights are restored."""
+    from prunekit.config import NonFiniteError
+
+    model, adapter, windows, db = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    k = int(np.flatnonzero(np.isclose(db.levels, 0.6))[0])
+    weights = {i: {n: list(ws) for n, ws in layer.items()} for i, layer in db.weights.items()}
+    weights[1]["mlp.down_proj"][k] = torch.full_like(weights[1]["mlp.down_proj"][k], float("inf"))
+    broken = LevelDatabase(db.levels, weights)
+    with pytest.raises(NonFiniteError, match=r"the search's nll of a schedule is nan: decoder layer 1's output"):
+        evolve(model, adapter, broken, windows, 0.6, SearchParams(generations=1, offspring=2, survivors=1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -158,3 +158,20 @@ def test_ranked_allocation_spreads_by_rank_and_hits_target():
     assert all(0.4 <= s <= 0.95 for s in weighted.values())
     order = sorted(range(5), key=lambda u: scales[u])
     assert [weighted[f"{u}.fc"] for u in order] == sorted(weighted.values(), reverse=True)
+
+
+def test_a_non_finite_loss_stops_the_measurement_naming_the_layer(tiny_models):
+    """Weights that overflow an activation (layer 1's MLP input norm scaled to 1e30, finite itself)
+    give no curve: NonFiniteError names decoder layer 1 (here in the dense model's NLL, the first
+    loss measured)."""
+    from prunekit.config import NonFiniteError
+
+    model = load_model(str(tiny_models["llama"]))
+    adapter = adapter_for(model)
+    windows = _windows()
+    hessians = _dense_hessians(model, adapter, windows)
+    norm = decoder_layers(model, adapter)[1].post_attention_layernorm.weight
+    with torch.no_grad():
+        norm.mul_(1e30)
+    with pytest.raises(NonFiniteError, match=r"the dense model's calibration NLL is nan: decoder layer 1's output"):
+        block_sensitivity(model, adapter, windows, hessians, (0.5,), chunk_tokens=16)

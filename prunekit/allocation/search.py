@@ -44,7 +44,7 @@ from .. import kernels
 from ..config import ConfigError, SearchParams
 from ..forward.head import OutputHead
 from ..forward.layerwise import LayerwiseRunner
-from ..forward.scoring import window_scores
+from ..forward.scoring import require_finite, window_scores
 from ..models import Adapter, decoder_layers
 from ..steps import Step, call
 
@@ -293,7 +293,9 @@ def evolve(model: nn.Module, adapter: Adapter, database: LevelDatabase, windows:
             acts += [[] for _ in range(len(runner) + 1 - len(acts))]
         total = window_scores(runner, tokens[:n], head, start=start, inputs=inputs,
                               reference=None if reference is None else reference[:n], record=acts).sum()
-        return float(total) / (n * (tokens.shape[1] - 1)), acts
+        value = require_finite(float(total) / (n * (tokens.shape[1] - 1)), f"the search's {spec.fitness} of a schedule",
+                               runner, inputs, start)
+        return value, acts
 
     n_all = len(windows)
     with _matmul_tf32(spec.tf32 and device.type == "cuda"):

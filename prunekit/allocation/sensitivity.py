@@ -36,7 +36,7 @@ from .. import kernels
 from ..config import ConfigError
 from ..forward.head import OutputHead
 from ..forward.layerwise import LayerwiseRunner
-from ..forward.scoring import window_scores
+from ..forward.scoring import require_finite, window_scores
 from ..models import Adapter
 from .schedule import match_budget
 
@@ -88,7 +88,8 @@ def block_sensitivity(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
     runner = LayerwiseRunner(model, adapter, windows, device)
     tokens = windows.to(device)
     head = OutputHead(model, chunk_tokens)
-    dense = _nll_from(runner, 0, tokens, head)
+    dense = require_finite(_nll_from(runner, 0, tokens, head), "the dense model's calibration NLL", runner,
+                           runner.inputs)
     units = pruning_units(adapter, len(runner), unit)
     rows = []
     for b in tqdm(range(len(runner)), desc=f"sensitivity ({unit})", unit="layer"):
@@ -105,9 +106,11 @@ def block_sensitivity(model: nn.Module, adapter: Adapter, windows: torch.Tensor,
                                                          float(s), blocksize=blocksize)
                         for n, result in zip(group, results):
                             linears[n].weight.data = result.weight
+                    nll = require_finite(_nll_from(runner, b, tokens, head),
+                                         f"the calibration NLL with {name} pruned to {s:g}", runner, runner.inputs, b)
                     rows.append({"unit": name, "layer": b, "linears": ",".join(linears),
                                  "params": sum(w.numel() for w in originals.values()), "sparsity": float(s),
-                                 "delta_nll": _nll_from(runner, b, tokens, head) - dense})
+                                 "delta_nll": nll - dense})
             finally:
                 for n, weight in originals.items():
                     linears[n].weight.data = weight

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from ..config import NonFiniteError
 from ..data import eval_windows
 from .head import OutputHead
 from .layerwise import LayerwiseRunner
@@ -47,6 +48,23 @@ def window_scores(runner: LayerwiseRunner, tokens: torch.Tensor, head: OutputHea
             record[len(runner)].append(x)
         scores[w] = head.nll_sum(x, row) if reference is None else head.kl_sum(x, reference[w])
     return scores
+
+
+@torch.no_grad()
+def require_finite(value: float, what: str, runner: LayerwiseRunner, inputs: list[torch.Tensor], start: int = 0) -> float:
+    """`value` if finite; else NonFiniteError naming the first decoder layer (from `start`, with
+    the weights the runner's layers hold now) whose output is not finite on `inputs`, or the
+    output head when every layer's output is finite."""
+    if math.isfinite(value):
+        return value
+    for w, x in enumerate(inputs):
+        for i in range(start, len(runner)):
+            x = runner.forward(i, x)
+            if not all(math.isfinite(float(v)) for v in torch.aminmax(x.float())):
+                raise NonFiniteError(f"{what} is {value}: decoder layer {i}'s output is not finite (window {w}); "
+                                     f"check that layer's weights and the model's inputs")
+    raise NonFiniteError(f"{what} is {value}: every decoder layer's output is finite, the output head's "
+                         f"(final norm, LM head) is not; check their weights")
 
 
 @torch.no_grad()
