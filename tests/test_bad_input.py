@@ -239,6 +239,16 @@ def _nan_in_pruned(cwd, params, tmp):
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
+def _changed_pruned(cwd, params, tmp):
+    """The pruned folder edited after the prune stage wrote it (one finite weight changed)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = _model_as(cwd, params, "changed") / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] += 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
 def _estimates_and_a_search(cwd, params, tmp):
     """The schedule stage's inputs (made by their stages), and the reports of an earlier search
     that a refusal must keep."""
@@ -362,6 +372,8 @@ CASES = {
                                             "reports/metrics/pruned.json", "_truncated_safetensors", args=("pruned",)),
     "evaluate NaN weights": Case("evaluate", {}, "has NaN or inf weights in model.layers.1.mlp.up_proj.weight; no "
                                  "perplexity recorded", "reports/metrics/pruned.json", "_nan_in_pruned", args=("pruned",)),
+    "evaluate a folder changed after its stage": Case("evaluate", {}, "holds other weights (fingerprint",
+                                                      "reports/metrics/pruned.json", "_changed_pruned", args=("pruned",)),
     "unknown model variant": Case("evaluate", {}, "needs one of dense, quantized, uniform, pruned, compressed, got 'bogus'", "reports/metrics", args=("bogus",)),
 }
 
