@@ -58,7 +58,7 @@ def _exp(args: argparse.Namespace) -> int:
     if args.action == "list":
         print("\n".join(presets))
         return 0
-    commands = run_commands(args.names, presets, args.set, args.name, args.queue)
+    commands = run_commands(args.names, presets, args.set, args.name)
     if args.dry_run:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
@@ -166,7 +166,6 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                      help="a further parameter change, after the preset's (e.g. -S schedule.search.seed=1)")
     run.add_argument("--name", default=None, help="the experiment's name (default: the preset's)")
-    run.add_argument("--queue", action="store_true", help="queue the experiments (dvc exp run --queue)")
     run.add_argument("--dry-run", action="store_true", help="print the dvc commands instead of running them")
     lst = actions.add_parser("list", help="the presets' names")
     for a in (run, lst):

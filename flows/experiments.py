@@ -86,14 +86,17 @@ def load_presets(path: str | Path, base: dict) -> dict[str, list[str]]:
 
 def committed_params(root: Path) -> dict:
     """params.yaml as of HEAD (what `dvc exp run` bases an experiment on), else the workspace's."""
-    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    except OSError:  # no git: DVC's experiments need it anyway, and will say so
+        proc = None
+    if proc is None or proc.returncode != 0:
         return read_yaml(root / "params.yaml")
     return yaml.safe_load(proc.stdout) or {}
 
 
-def run_commands(names: list[str], presets: dict[str, list[str]], extra: list[str], exp_name: str | None,
-                 queue: bool) -> list[list[str]]:
+def run_commands(names: list[str], presets: dict[str, list[str]], extra: list[str],
+                 exp_name: str | None) -> list[list[str]]:
     """The `dvc exp run` command of each named preset, with `extra` assignments after its own."""
     unknown = [n for n in names if n not in presets]
     if unknown:
@@ -103,7 +106,7 @@ def run_commands(names: list[str], presets: dict[str, list[str]], extra: list[st
     commands = []
     for name in names:
         sets = [arg for assignment in [*presets[name], *extra] for arg in ("-S", assignment)]
-        commands.append(["dvc", "exp", "run", *(["--queue"] if queue else []), "--name", exp_name or name, *sets])
+        commands.append(["dvc", "exp", "run", "--name", exp_name or name, *sets])
     return commands
 
 
