@@ -22,6 +22,12 @@ def _sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def _commit(repo: Path, message: str) -> None:
+    """Commit the workspace (`dvc exp run` bases an experiment on HEAD)."""
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", message], repo)
+
+
 def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
@@ -69,24 +75,15 @@ def test_full_then_partial_rerun_then_noop(repo):
     assert "wikitext2" in shown
 
 
-def test_experiment_with_set_param(repo):
-    _sh(["git", "add", "-A"], repo)
-    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline"], repo)
-    out = _sh(["dvc", "exp", "run", "-S", "prune.sparsity=0.5"], repo)
-    assert "hessians" not in _ran(out.stdout)
-    shown = _sh(["dvc", "exp", "show", "--json"], repo).stdout
-    assert "0.5" in shown
-
-
 def test_presets_run_as_named_experiments_that_inherit_nothing_from_each_other(repo):
-    """`prunekit exp run` on two presets: each is a named DVC experiment with its own values, the
-    second not inheriting the first's from the workspace (quantize.enabled), and `prunekit exp
-    show` gives one row each with only the table's columns."""
+    """`prunekit exp run` on two presets: each is a named DVC experiment (`dvc exp run -S ...`)
+    with its own values, the second not inheriting the first's from the workspace
+    (quantize.enabled), reusing the cached stages, and `prunekit exp show` gives one row each
+    with only the table's columns."""
     (repo / "presets.yaml").write_text(yaml.safe_dump({
         "presets": {"plain": {"quantize": {"enabled": False}}, "grid3": {"quantize": {"bits": 3}}},
     }))
-    _sh(["git", "add", "-A"], repo)
-    _sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "presets"], repo)
+    _commit(repo, "presets")
     committed = yaml.safe_load((repo / "params.yaml").read_text())
     out = _sh(["prunekit", "exp", "run", "plain", "grid3"], repo)
     assert out.stdout.count("Running stage 'hessians'") <= 1  # the second reuses the first's store
@@ -125,7 +122,8 @@ def _workspace(repo: Path) -> dict[str, str]:
     (["dvc", "exp", "run", "-S"], "prune.sparsity", "1.0", "invalid parameter prune.sparsity"),
     (["dvc", "exp", "run", "-S"], "schedule.k", "0", "invalid parameter schedule.k"),
     (["dvc", "repro"], "evaluate.datasets", ["wikitxet2"], "unknown evaluation dataset 'wikitxet2'"),
-    (["dvc", "repro"], "prune.structure", "2:4", "needs schedule.allocator 'uniform'"),
+    (["dvc", "repro"], "prune.structure", {"prune.structure": "2:4", "prune.sparsity": 0.5},
+     "needs schedule.allocator 'uniform'"),
 ])
 def test_bad_value_under_dvc_touches_nothing(repo, command, key, value, message):
     """The check stage refuses the value before DVC deletes any out: every output, plot, metric
@@ -135,11 +133,13 @@ def test_bad_value_under_dvc_touches_nothing(repo, command, key, value, message)
     params_before = (repo / "params.yaml").read_text()
     before = _workspace(repo)
     if command[:3] == ["dvc", "exp", "run"]:
+        _commit(repo, "before a bad value")
         proc = _sh([*command, f"{key}={value}"], repo, check=False)
     else:
         params = yaml.safe_load(params_before)
-        section, name = key.split(".")
-        params[section][name] = value
+        for dotted, v in (value if isinstance(value, dict) else {key: value}).items():
+            section, name = dotted.split(".")
+            params[section][name] = v
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
         proc = _sh(command, repo, check=False)
     (repo / "params.yaml").write_text(params_before)
