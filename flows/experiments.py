@@ -42,12 +42,6 @@ def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _get(tree: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
 def _set(tree: dict, dotted: str, value: object) -> None:
     *parents, last = dotted.split(".")
     for part in parents:
@@ -80,7 +74,8 @@ def load_presets(path: str | Path, base: dict) -> dict[str, list[str]]:
             validate_params(params, f"{path}:{name}")
         except ConfigError as exc:
             raise ConfigError(f"{path}: preset {name}: {exc}") from None
-        out[name] = [f"{key}={json.dumps(_get(params, key))}" for key in touched]
+        values = {**known, **changed["protocol"], **changed[name]}
+        out[name] = [f"{key}={json.dumps(values[key])}" for key in touched]
     return out
 
 
